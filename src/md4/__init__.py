@@ -1,0 +1,8 @@
+"""md4: masked (absorbing) diffusion models for discrete data (MD4, GenMD4) in PyTorch."""
+
+from md4 import schedules
+from md4.diffusion import MD4
+from md4.errors import UserError
+
+__version__ = "0.1.0"
+__all__ = ["MD4", "UserError", "schedules", "__version__"]

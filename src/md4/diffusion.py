@@ -1,0 +1,127 @@
+"""MD4: masked (absorbing) diffusion with one masking schedule for all tokens.
+
+Notation (shared/MATH.md): x_0 is [B, N] long with values in {0..V-1}; the mask id is m = V.
+A `denoiser(x_t, t)` is any callable mapping x_t [B, N] long (values 0..V) and t [B] float to
+logits [B, N, V]; its softmax is mu_theta(x_t, t), the estimate of E[x_0 | x_t]. Nothing here
+assumes the denoiser is an nn.Module, so the math can be tested with an exact denoiser.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from md4 import schedules
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def antithetic_times(batch: int, generator=None, device=None) -> torch.Tensor:
+    """t_b = (u + b/B) mod 1 with one u ~ U(0,1) per batch: [B] float, stratified over [0, 1)."""
+    u = torch.rand((), generator=generator, device=device)
+    return torch.remainder(u + torch.arange(batch, device=device) / batch, 1.0)
+
+
+def masked_cross_entropy(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """sum over masked positions n of -log mu^n_{x_0^n}: [B] float32 (logits [B, N, V])."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    return torch.where(xt == mask_id, nll, torch.zeros_like(nll)).sum(-1)
+
+
+class MD4(nn.Module):
+    """The MD4 forward process, negative ELBO and ancestral reverse step.
+
+    An nn.Module only so that subclasses with learnable schedules (GenMD4) save and move like
+    any other module; MD4 itself has no parameters.
+    """
+
+    def __init__(self, vocab_size: int, schedule: schedules.Schedule | str = "linear"):
+        super().__init__()
+        self.vocab_size = int(vocab_size)
+        self.mask_id = self.vocab_size
+        self.schedule = schedules.get(schedule) if isinstance(schedule, str) else schedule
+
+    # ----------------------------------------------------------------- forward process
+    def forward_sample(self, x0: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0): keep each token with probability alpha_t, else mask. t: [B]."""
+        alpha = self.schedule.alpha(t).to(x0.device).unsqueeze(-1)
+        keep = torch.rand(x0.shape, generator=generator, device=x0.device) < alpha
+        return torch.where(keep, x0, torch.full_like(x0, self.mask_id))
+
+    def reconstruction(self, length: int) -> float:
+        """The t=0 term the reference code adds: N (1 - alpha_0) log V nats."""
+        alpha0 = self.schedule.alpha(torch.zeros(())).item()
+        return length * (1 - alpha0) * math.log(self.vocab_size)
+
+    # ----------------------------------------------------------------- objective
+    def nelbo(
+        self,
+        denoiser: Denoiser,
+        x0: torch.Tensor,
+        timesteps: int = 0,
+        generator=None,
+        t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One-sample unbiased estimate of the negative ELBO of each sequence: [B] nats.
+
+        timesteps=0: continuous time,  L = -w(t) * sum_{n masked} -log mu^n_{x_0^n}, t ~ U(0,1).
+        timesteps=T: discrete time with t = i/T, s = (i-1)/T, i uniform in 1..T,
+                     L = T * (alpha_s - alpha_t) / (1 - alpha_t) * sum_{n masked} -log mu^n_{x_0^n}.
+        Times are antithetic across the batch unless `t` [B] is given (in [0,1); for discrete
+        time it is rounded up to the grid). The reconstruction term N (1 - alpha_0) log V is added.
+        """
+        B, N = x0.shape
+        if t is None:
+            t = antithetic_times(B, generator, x0.device)
+        if timesteps:
+            t = (torch.floor(t * timesteps) + 1) / timesteps
+            a_t, a_s = self.schedule.alpha(t), self.schedule.alpha(t - 1 / timesteps)
+            weight = timesteps * (a_s - a_t) / (1 - a_t)
+        else:
+            weight = -self.schedule.weight(t)
+        xt = self.forward_sample(x0, t, generator)
+        ce = masked_cross_entropy(denoiser(xt, t), x0, xt, self.mask_id)
+        return weight * ce + self.reconstruction(N)
+
+    def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        """Training loss (scalar): the batch mean of the continuous-time NELBO, nats per sequence."""
+        return self.nelbo(denoiser, x0, generator=generator).mean()
+
+    # ----------------------------------------------------------------- reverse process
+    def reverse_step(
+        self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None
+    ) -> torch.Tensor:
+        """Draw x_s ~ p(x_s | x_t) for s < t. Masked positions unmask with probability
+        (alpha_s - alpha_t) / (1 - alpha_t) and then take token j with probability mu_j;
+        unmasked positions stay. Probabilities are computed and drawn in float64."""
+        a_t, a_s = (self.schedule.alpha(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
+        p_unmask = (a_s - a_t) / (1 - a_t)
+        u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
+        reveal = (xt == self.mask_id) & (u < p_unmask.to(xt.device))
+        tokens = categorical(logits, generator)
+        return torch.where(reveal, tokens, xt)
+
+    def sample(self, denoiser: Denoiser, num_samples: int, length: int, steps: int = 1000,
+               grid: str = "cosine", generator=None, device=None, **kwargs) -> torch.Tensor:
+        """Generate [num_samples, length] long with no mask left; see md4.sampling.sample."""
+        from md4 import sampling
+
+        return sampling.sample(self, denoiser, num_samples, length, steps=steps, grid=grid,
+                               generator=generator, device=device, **kwargs)
+
+
+def categorical(logits: torch.Tensor, generator=None) -> torch.Tensor:
+    """One draw per position from softmax(logits) by inverse CDF in float64: [..., V] -> [...].
+
+    float64 matters: float32 Gumbel/categorical draws truncate small probabilities and bias
+    generative perplexity (shared/MATH.md, "Sampling")."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=torch.float64)
+    idx = torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1)
+    return idx.clamp_(max=logits.shape[-1] - 1)

@@ -1,0 +1,23 @@
+"""Data: the text8 character vocabulary, corpora (text8, shakespeare, any text file), batching."""
+
+from md4.data.batches import eval_chunks, random_crops, random_offsets
+from md4.data.chars import CharTokenizer, normalize_text8
+from md4.data.corpora import CORPORA, load_corpus
+from md4.data.corpus import Corpus, load_text_file, split_corpus
+from md4.data.shakespeare import load_shakespeare
+from md4.data.text8 import load_text8
+
+__all__ = [
+    "CORPORA",
+    "CharTokenizer",
+    "Corpus",
+    "eval_chunks",
+    "load_corpus",
+    "load_shakespeare",
+    "load_text8",
+    "load_text_file",
+    "normalize_text8",
+    "random_crops",
+    "random_offsets",
+    "split_corpus",
+]

@@ -1,0 +1,44 @@
+"""Batches of character ids for training (random crops) and evaluation (consecutive chunks).
+
+Random offsets come from an explicit torch.Generator, so the data order is reproducible, and
+resumable by saving `generator.get_state()` in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from md4.errors import UserError
+
+
+def _as_tensor(data: np.ndarray | torch.Tensor, length: int) -> torch.Tensor:
+    data = torch.as_tensor(data)  # zero-copy for a numpy array
+    if data.ndim != 1:
+        raise ValueError(f"data must be 1-D, got shape {tuple(data.shape)}")
+    if length < 1:
+        raise ValueError(f"length must be positive, got {length}")
+    if len(data) < length:
+        raise UserError(f"The data has {len(data):,} tokens, fewer than the sequence length {length:,}.")
+    return data
+
+
+def random_offsets(n: int, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """[B] long start offsets, uniform over all n - length + 1 windows of data of length n."""
+    return torch.randint(0, n - length + 1, (batch_size,), generator=generator)
+
+
+def random_crops(
+    data: np.ndarray | torch.Tensor, batch_size: int, length: int, generator: torch.Generator
+) -> torch.Tensor:
+    """[B, N] long: crops data[s : s + N] at B uniform random offsets s, gathered in one index op."""
+    data = _as_tensor(data, length)
+    starts = random_offsets(len(data), batch_size, length, generator)
+    return data[starts[:, None] + torch.arange(length)].long()
+
+
+def eval_chunks(data: np.ndarray | torch.Tensor, length: int) -> torch.Tensor:
+    """[M, N] long: the M = len(data) // N consecutive non-overlapping chunks; the remainder is dropped."""
+    data = _as_tensor(data, length)
+    m = len(data) // length
+    return data[: m * length].reshape(m, length).long()

@@ -1,0 +1,34 @@
+"""`load_corpus(name_or_path)`: a named corpus from the registry, or any text file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from md4.data.corpus import Corpus, load_text_file
+from md4.data.shakespeare import load_shakespeare
+from md4.data.text8 import FILE_NAMES as TEXT8_FILE_NAMES
+from md4.data.text8 import load_text8
+from md4.errors import UserError
+
+# name -> loader(*, min_length) -> Corpus
+CORPORA: dict[str, Callable[..., Corpus]] = {
+    "text8": load_text8,
+    "shakespeare": load_shakespeare,
+}
+
+
+def load_corpus(name_or_path: str, *, min_length: int = 2) -> Corpus:
+    """A registered corpus by name, else a file: `text8` / `text8.zip` are read as text8 (raw,
+    standard split), any other file as UTF-8 text normalized text8-style and split 90/5/5.
+    Every split has at least min_length characters (pass the sequence length + 1)."""
+    if name_or_path in CORPORA:
+        return CORPORA[name_or_path](min_length=min_length)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"Unknown corpus {name_or_path!r}: it is neither one of {', '.join(CORPORA)} nor an existing file."
+        )
+    if path.name in TEXT8_FILE_NAMES:
+        return load_text8(path, min_length=min_length)
+    return load_text_file(path, min_length=min_length)

@@ -1,0 +1,170 @@
+"""Typed configs: dataclasses loaded from small YAML presets, overridable with `key=value`.
+
+    cfg = load_config("demo", overrides=["model.layers=4", "train.lr=1e-3"])
+
+Presets live in md4/presets/*.yaml; a path to a YAML file works too. Unknown keys and values
+of the wrong type are user errors (one sentence, exit status 2 from the CLI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from md4.errors import UserError
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+@dataclass
+class ModelConfig:
+    """The transformer backbone (md4.nn.Transformer)."""
+
+    dim: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    glu: bool = True
+    time_cond: bool = False  # adaLN-zero conditioning on t; off = time-independent network
+    cond_dim: int = 128
+    dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "shakespeare"  # a registered corpus name or a path to a text file
+    length: int = 256  # sequence length N
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup: int = 100  # linear warm-up steps, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    ema: float = 0.9999  # EMA decay of the weights used for evaluation and sampling; 0 = off
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when available, else cpu
+    bf16: str = "auto"  # autocast to bfloat16: auto = on GPU only; "true" / "false"
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 4  # validation batches per periodic evaluation
+    ckpt_every: int = 200
+    keep: int = 2  # checkpoints kept
+    max_minutes: float = 0.0  # stop early after this much training time (0 = no limit)
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 256
+    grid: str = "cosine"
+    num: int = 4
+
+
+@dataclass
+class Config:
+    method: str = "md4"
+    schedule: str = "linear"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, typ, key: str):
+    """value (from YAML or a command line string) as the field's type, or a UserError."""
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+        if isinstance(value, str) and typ is float:  # YAML reads "3e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+    if typ is bool and isinstance(value, bool):
+        return value
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is str and isinstance(value, (str, int, float, bool)):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    raise UserError(f"Config key {key} expects a value of type {typ.__name__}, got {value!r}.")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"Config section {prefix.rstrip('.') or '(top)'} must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"Unknown config key {prefix}{unknown[0]}; known keys: {', '.join(sorted(names))}.")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = from_dict(typ, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, typ, prefix + name)
+    return cls(**kwargs)
+
+
+def set_key(d: dict, assignment: str) -> None:
+    """Apply "a.b=value" to the nested dict d (the value is parsed as YAML later, by type)."""
+    if "=" not in assignment:
+        raise UserError(f"An override must look like key=value, got {assignment!r}.")
+    key, value = assignment.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise UserError(f"Config key {key} does not name a section.")
+    d[leaf] = value
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise UserError(f"Cannot read config file {path}: {e.strerror}.")
+    except yaml.YAMLError as e:
+        raise UserError(f"Config file {path} is not valid YAML ({str(e).splitlines()[0]}).")
+    if not isinstance(data, dict):
+        raise UserError(f"Config file {path} must hold a mapping of keys to values.")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """A preset name (see preset_names()) or a YAML path, then `key=value` overrides."""
+    data: dict = {}
+    if name_or_path:
+        path = Path(name_or_path)
+        if not path.suffix and (PRESETS / f"{name_or_path}.yaml").exists():
+            path = PRESETS / f"{name_or_path}.yaml"
+        elif not path.exists():
+            raise UserError(f"No config preset or file named {name_or_path!r}; presets: {', '.join(preset_names())}.")
+        data = read_yaml(path)
+    for assignment in overrides:
+        set_key(data, assignment)
+    return from_dict(Config, data)

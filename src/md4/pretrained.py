@@ -1,0 +1,110 @@
+"""Build a model from a config, and load a trained one for evaluation and sampling.
+
+    m = md4.load("runs/demo")          # a run folder, or a model folder (config.json + model.safetensors)
+    x = m.sample(4, steps=256)         # [4, N] long
+    print(m.decode(x))
+
+This module does not import the training code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from md4 import checkpoint
+from md4.config import Config, from_dict
+from md4.data import CharTokenizer
+from md4.diffusion import MD4
+from md4.errors import UserError
+from md4.nn import Transformer
+
+METHODS = {"md4": MD4}
+TOKENIZERS = {"char": CharTokenizer}
+
+
+def method_class(name: str):
+    if name not in METHODS:
+        raise UserError(f"Unknown method {name!r}; choose one of {', '.join(METHODS)}.")
+    return METHODS[name]
+
+
+def build(cfg: Config, vocab_size: int) -> tuple[MD4, Transformer]:
+    """(diffusion model, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens."""
+    diffusion = method_class(cfg.method)(vocab_size, cfg.schedule)
+    m = cfg.model
+    if m.dim % m.heads:
+        raise UserError(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads}).")
+    net = Transformer(vocab_size, dim=m.dim, layers=m.layers, heads=m.heads, mlp_ratio=m.mlp_ratio,
+                      glu=m.glu, time_cond=m.time_cond, cond_dim=m.cond_dim, dropout=m.dropout,
+                      max_len=max(cfg.data.length, 1024))
+    return diffusion, net
+
+
+@dataclass
+class Pretrained:
+    """A trained model: config, diffusion process, network (in eval mode) and tokenizer."""
+
+    config: Config
+    diffusion: MD4
+    net: Transformer
+    tokenizer: object
+    source: Path
+
+    @property
+    def length(self) -> int:
+        return self.config.data.length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device) -> "Pretrained":
+        self.net.to(device)
+        self.diffusion.to(device)
+        return self
+
+    def sample(self, num: int, steps: int | None = None, grid: str | None = None, length: int | None = None,
+               seed: int = 0, progress: bool = False, **kwargs) -> torch.Tensor:
+        g = torch.Generator(self.device).manual_seed(seed)
+        return self.diffusion.sample(self.net, num, length or self.length, steps=steps or self.config.sample.steps,
+                                     grid=grid or self.config.sample.grid, generator=g, device=self.device,
+                                     progress=progress, **kwargs)
+
+    def decode(self, x: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(row.tolist()) for row in x]
+
+
+def model_folder(path: Path) -> Path:
+    """The model folder inside a run folder, or the path itself if it is a model folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"No model or run folder at {path}.")
+    for candidate in (path, path / "model"):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise UserError(f"{path} holds no trained model (no config.json + model.safetensors); has training finished?")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
+    """Load a model folder (or the `model/` folder of a run) for evaluation and sampling."""
+    folder = model_folder(Path(path))
+    raw = checkpoint.read_json(folder / "config.json")
+    cfg = from_dict(Config, raw.get("config", raw))
+    vocab_size = int(raw.get("vocab_size", 0))
+    tok_name = raw.get("tokenizer", "char")
+    if tok_name not in TOKENIZERS:
+        raise UserError(f"Model {folder} uses an unknown tokenizer {tok_name!r}.")
+    tokenizer = TOKENIZERS[tok_name]()
+    diffusion, net = build(cfg, vocab_size or tokenizer.vocab_size)
+    weights = checkpoint.read_weights(folder / "model.safetensors")
+    checkpoint.load_into(net, weights, folder)
+    net.eval()
+    return Pretrained(cfg, diffusion, net, tokenizer, folder).to(device)
+
+
+def model_metadata(cfg: Config, vocab_size: int, tokenizer: str = "char") -> dict:
+    """What config.json holds: the config plus what is needed to rebuild the model."""
+    return {"format": "md4", "vocab_size": vocab_size, "tokenizer": tokenizer, "config": cfg.to_dict()}

@@ -54,7 +54,7 @@ class TrainConfig:
     ema: float = 0.9999  # EMA decay of the weights used for evaluation and sampling; 0 = off
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
-    bf16: str = "auto"  # autocast to bfloat16: auto = on GPU only; "true" / "false"
+    bf16: str = "auto"  # autocast to bfloat16: auto = on GPU and on CPUs with native bf16; "true" / "false"
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     log_every: int = 10
     eval_every: int = 200

@@ -58,6 +58,8 @@ def cmd_eval(args) -> None:
     for mc, name in ((args.mc_samples, "--mc-samples"), (args.batch_size, "--batch-size")):
         if mc < 1:
             raise UserError(f"{name} must be at least 1, got {mc}.")
+    if args.timesteps < 0:
+        raise UserError(f"--timesteps must be 0 (continuous time) or a positive number of steps, got {args.timesteps}.")
     model = md4.load(args.path, device=args.device)
     r = evaluate_model(model, args.split, args.data, args.mc_samples, args.timesteps, args.batch_size,
                        args.limit, args.seed, progress=not args.json)

@@ -20,6 +20,14 @@ from md4.errors import UserError
 PRESETS = Path(__file__).parent / "presets"
 
 
+def _check_positive(section, prefix: str, names: tuple[str, ...]) -> None:
+    """Sizes and intervals must be at least 1 (a zero would divide by zero or build an empty model)."""
+    for name in names:
+        value = getattr(section, name)
+        if isinstance(value, int) and value < 1:
+            raise UserError(f"Config key {prefix}.{name} must be at least 1, got {value}.")
+
+
 @dataclass
 class ModelConfig:
     """The transformer backbone (md4.nn.Transformer)."""
@@ -33,11 +41,17 @@ class ModelConfig:
     cond_dim: int = 128
     dropout: float = 0.0
 
+    def __post_init__(self):
+        _check_positive(self, "model", ("dim", "layers", "heads"))
+
 
 @dataclass
 class DataConfig:
     corpus: str = "shakespeare"  # a registered corpus name or a path to a text file
     length: int = 256  # sequence length N
+
+    def __post_init__(self):
+        _check_positive(self, "data", ("length",))
 
 
 @dataclass
@@ -62,6 +76,9 @@ class TrainConfig:
     ckpt_every: int = 200
     keep: int = 2  # checkpoints kept
     max_minutes: float = 0.0  # stop early after this much training time (0 = no limit)
+
+    def __post_init__(self):
+        _check_positive(self, "train", ("batch_size", "log_every", "eval_every", "eval_batches", "ckpt_every"))
 
 
 @dataclass

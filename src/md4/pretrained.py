@@ -25,6 +25,19 @@ METHODS = {"md4": MD4}
 TOKENIZERS = {"char": CharTokenizer}
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """"auto" = cuda when available, else cpu; UserError for an unknown or unavailable device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"Unknown device {name!r}; use auto, cpu or cuda.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"Device {name!r} was asked for but torch sees no CUDA GPU; use cpu or auto.")
+    return device
+
+
 def method_class(name: str):
     if name not in METHODS:
         raise UserError(f"Unknown method {name!r}; choose one of {', '.join(METHODS)}.")
@@ -102,7 +115,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     weights = checkpoint.read_weights(folder / "model.safetensors")
     checkpoint.load_into(net, weights, folder)
     net.eval()
-    return Pretrained(cfg, diffusion, net, tokenizer, folder).to(device)
+    return Pretrained(cfg, diffusion, net, tokenizer, folder).to(resolve_device(device))
 
 
 def model_metadata(cfg: Config, vocab_size: int, tokenizer: str = "char") -> dict:

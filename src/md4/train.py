@@ -27,7 +27,7 @@ from md4.config import Config
 from md4.data import eval_chunks, load_corpus, random_crops
 from md4.errors import UserError
 from md4.evaluate import sequence_nelbo, summarize
-from md4.pretrained import build, model_metadata
+from md4.pretrained import build, model_metadata, resolve_device
 
 
 def lr_at(step: int, cfg) -> float:
@@ -37,15 +37,6 @@ def lr_at(step: int, cfg) -> float:
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     floor = cfg.min_lr_ratio * cfg.lr
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"Unknown device {name!r}; use auto, cpu or cuda.")
 
 
 def use_bf16(setting: str, device: torch.device) -> bool:

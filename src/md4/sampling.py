@@ -21,7 +21,10 @@ def uniform_grid(steps: int) -> torch.Tensor:
 
 
 def cosine_grid(steps: int) -> torch.Tensor:
-    """t(i) = cos(pi/2 (1 - i/T)), i = 0..T: [T+1] float64, denser near t = 0."""
+    """t(i) = cos(pi/2 (1 - i/T)), i = 0..T: [T+1] float64, denser near t = 1 where sampling starts.
+
+    With the linear schedule it visits the cosine schedule's alphas on the uniform grid, so few
+    tokens are revealed in the first steps."""
     t = torch.cos(math.pi / 2 * (1 - uniform_grid(steps)))
     t[0] = 0.0
     return t

@@ -89,7 +89,9 @@ class Poly(Schedule):
         return 1 - t**self.k
 
     def draw(self, t):
-        return -self.k * t ** (self.k - 1)
+        # for k < 1 the slope is infinite at t = 0; keep it finite there so that 0 masked tokens
+        # times the weight is 0, not NaN (antithetic times can round to exactly 0)
+        return -self.k * t.clamp(min=torch.finfo(t.dtype).tiny) ** (self.k - 1)
 
 
 REGISTRY = {"linear": Linear, "cosine": Cosine, "poly": Poly}

@@ -56,3 +56,12 @@ def trained_run(tmp_path_factory, corpus):
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many tiny tensor ops: a second intra-op thread only adds contention on a 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -27,13 +27,7 @@ Z = 4.5  # two-sided normal tail 7e-6; with 63 degrees of freedom (Student) abou
 TOYS = {"V3N3": (3, 3, 0), "V2N4": (2, 4, 1), "V4N2": (4, 2, 2)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny tensor ops: a second intra-op thread only adds contention on a 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy(name):

@@ -24,13 +24,7 @@ ALPHA = 1e-5  # chi-square tests fail below this p-value
 Z = 4.5  # z-tests fail beyond this (two-sided 7e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny tensor ops: a second intra-op thread only adds contention on a 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chi2_pvalue(counts, probs):

@@ -361,6 +361,7 @@ def test_bad_eval_and_sample_options(tmp_path, trained_run, capsys):
     assert "--num" in user_error(capsys, ["sample", trained_run, "--num", 0])
     assert "missing.txt" in user_error(capsys, ["eval", trained_run, "--data", tmp_path / "missing.txt"])
     assert "--timesteps" in user_error(capsys, ["eval", trained_run, "--timesteps", -1])
+    assert "at most 1024 tokens" in user_error(capsys, ["sample", trained_run, "--length", 5000])
     for command in ("eval", "sample"):
         assert "quantum" in user_error(capsys, [command, trained_run, "--device", "quantum"])
         if not torch.cuda.is_available():

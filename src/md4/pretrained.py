@@ -81,6 +81,9 @@ class Pretrained:
 
     def sample(self, num: int, steps: int | None = None, grid: str | None = None, length: int | None = None,
                seed: int = 0, progress: bool = False, **kwargs) -> torch.Tensor:
+        limit = self.net.rope_cos.shape[0]
+        if (length or self.length) > limit:
+            raise UserError(f"This model handles sequences of at most {limit} tokens, not {length}.")
         g = torch.Generator(self.device).manual_seed(seed)
         return self.diffusion.sample(self.net, num, length or self.length, steps=steps or self.config.sample.steps,
                                      grid=grid or self.config.sample.grid, generator=g, device=self.device,

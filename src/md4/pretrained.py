@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from md4 import checkpoint
 from md4.config import Config, from_dict
@@ -21,8 +22,25 @@ from md4.diffusion import MD4
 from md4.errors import UserError
 from md4.nn import Transformer
 
+# Training methods: name -> class. A method is an nn.Module built as cls(vocab_size, schedule)
+# with loss(net, x0, generator) (scalar, nats per sequence), nelbo(net, x0, timesteps, generator, t)
+# ([B] nats) and sample(net, num_samples, length, ...); its parameters (a learnable schedule)
+# are trained with the network and saved with it. A class attribute `causal = True` asks for a
+# causal network.
 METHODS = {"md4": MD4}
 TOKENIZERS = {"char": CharTokenizer}
+
+
+class Bundle(nn.Module):
+    """The method and the network as one module: what is trained, averaged (EMA) and saved.
+
+    Saved weights are keyed "net.*" and "diffusion.*" (the latter only when the method has
+    parameters or buffers, e.g. GenMD4's exponents)."""
+
+    def __init__(self, diffusion: nn.Module, net: nn.Module):
+        super().__init__()
+        self.diffusion = diffusion
+        self.net = net
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -46,13 +64,14 @@ def method_class(name: str):
 
 def build(cfg: Config, vocab_size: int) -> tuple[MD4, Transformer]:
     """(diffusion model, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens."""
-    diffusion = method_class(cfg.method)(vocab_size, cfg.schedule)
+    cls = method_class(cfg.method)
+    diffusion = cls(vocab_size, cfg.schedule)
     m = cfg.model
     if m.dim % m.heads:
         raise UserError(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads}).")
     net = Transformer(vocab_size, dim=m.dim, layers=m.layers, heads=m.heads, mlp_ratio=m.mlp_ratio,
                       glu=m.glu, time_cond=m.time_cond, cond_dim=m.cond_dim, dropout=m.dropout,
-                      max_len=max(cfg.data.length, 1024))
+                      max_len=max(cfg.data.length, 1024), **({"causal": True} if getattr(cls, "causal", False) else {}))
     return diffusion, net
 
 
@@ -116,8 +135,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     tokenizer = TOKENIZERS[tok_name]()
     diffusion, net = build(cfg, vocab_size or tokenizer.vocab_size)
     weights = checkpoint.read_weights(folder / "model.safetensors")
-    checkpoint.load_into(net, weights, folder)
+    checkpoint.load_into(Bundle(diffusion, net), weights, folder)
     net.eval()
+    diffusion.eval()
     return Pretrained(cfg, diffusion, net, tokenizer, folder).to(resolve_device(device))
 
 

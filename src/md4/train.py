@@ -27,7 +27,7 @@ from md4.config import Config
 from md4.data import eval_chunks, load_corpus, random_crops
 from md4.errors import UserError
 from md4.evaluate import sequence_nelbo, summarize
-from md4.pretrained import build, model_metadata, resolve_device
+from md4.pretrained import Bundle, build, model_metadata, resolve_device
 
 
 def lr_at(step: int, cfg) -> float:
@@ -50,10 +50,11 @@ def use_bf16(setting: str, device: torch.device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def make_optimizer(net: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or embeddings' gains)."""
-    decay = [p for p in net.parameters() if p.ndim >= 2]
-    no_decay = [p for p in net.parameters() if p.ndim < 2]
+def make_optimizer(model: Bundle, cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the network's matrices only (not on norms, biases or gains);
+    the method's own parameters (a learnable schedule) join the undecayed group."""
+    decay = [p for p in model.net.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.net.parameters() if p.ndim < 2] + list(model.diffusion.parameters())
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
@@ -110,9 +111,10 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     V, N = corpus.tokenizer.vocab_size, cfg.data.length
     torch.manual_seed(tc.seed)
     diffusion, net = build(cfg, V)
-    net.to(device)
-    ema_net = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = make_optimizer(net, tc, device)
+    model = Bundle(diffusion, net).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema_net, ema_diffusion = ema.net, ema.diffusion
+    opt = make_optimizer(model, tc, device)
     data_gen = torch.Generator().manual_seed(tc.seed + 1)  # training crops (on CPU)
     noise_gen = torch.Generator(device).manual_seed(tc.seed + 2)  # diffusion times and masks
     valid = eval_chunks(corpus.valid, N)[: tc.eval_batches * tc.batch_size]
@@ -121,8 +123,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     found = checkpoint.checkpoints(run_dir)
     if found:
         ck = checkpoint.load_checkpoint(found[-1])
-        checkpoint.load_into(net, ck["model"], found[-1])
-        checkpoint.load_into(ema_net, ck["ema"], found[-1])
+        checkpoint.load_into(model, ck["model"], found[-1])
+        checkpoint.load_into(ema, ck["ema"], found[-1])
         try:
             opt.load_state_dict(ck["optim"])
         except (ValueError, KeyError, RuntimeError):
@@ -145,20 +147,20 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
                  "run_loss": run_loss.item(), "run_gnorm": run_gnorm.item(), "run_n": run_n}
         if device.type == "cuda":
             state["cuda_rng"] = checkpoint.encode_state(torch.cuda.get_rng_state(device))
-        checkpoint.save_checkpoint(run_dir, step, net.state_dict(), ema_net.state_dict(), opt.state_dict(),
+        checkpoint.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), opt.state_dict(),
                                    state, keep=tc.keep)
 
     def validate(step: int) -> float:
-        nelbo = sequence_nelbo(diffusion, ema_net, valid, batch_size=tc.batch_size, seed=tc.seed, device=device,
+        nelbo = sequence_nelbo(ema_diffusion, ema_net, valid, batch_size=tc.batch_size, seed=tc.seed, device=device,
                                autocast_dtype=torch.bfloat16 if bf16 else None)
         bpc = summarize(nelbo, N)["bits_per_token"]
         metrics.log(step, valid_bpc=bpc)
         return bpc
 
-    params = [p for p in net.parameters()]
-    ema_params = [p for p in ema_net.parameters()]
+    params = [p for p in model.parameters()]
+    ema_params = [p for p in ema.parameters()]
     per_token = math.log(2)
-    net.train()
+    model.train()
     t0, run_n = time.time(), int(st.get("run_n", 0))
     run_loss = torch.tensor(float(st.get("run_loss", 0.0)), device=device)
     run_gnorm = torch.tensor(float(st.get("run_gnorm", 0.0)), device=device)
@@ -207,7 +209,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     bar.close()
     metrics.close()
     model_dir = run_dir / "model"
-    checkpoint.save_model(model_dir, model_metadata(cfg, V), ema_net.state_dict())
+    checkpoint.save_model(model_dir, model_metadata(cfg, V), ema.state_dict())
     plot_curves(run_dir)
     return model_dir
 

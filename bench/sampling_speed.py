@@ -5,7 +5,8 @@ samplers, side by side in one run, for several numbers of steps T and both time 
     python bench/sampling_speed.py --tiny                   # an untrained tiny network, a few seconds
 
 For each (grid, T) every sampler draws the same `--num` samples from the same seed; `cached` must
-return exactly the `ancestral` samples (checked, column "= anc."). "calls" counts denoiser calls
+return exactly the `ancestral` samples (checked, column "= anc."; `jump` has the same law as
+`ancestral` but other random draws, so "no" is expected there). "calls" counts denoiser calls
 (each on a batch), "evals/sample" the rows the network evaluated per sample (a cached call
 evaluates only the samples that changed). The unigram entropy of the samples (bits per token)
 is printed with the data's: a sampler that lost diversity shows up there. Generative perplexity

@@ -9,7 +9,7 @@ of the prediction (shared/MATH.md, "Sampling"). Samplers, by name (`sample(..., 
 - `cached`: the same chain and the same random draws, but when the denoiser ignores t it is
   called again for a sample only after one of its positions changed; for the same seed it
   returns exactly what `ancestral` returns, with at most min(T, length) calls per sample.
-- `mean`: the two-stage form of the same step (x_0 ~ mu, then x_s ~ q(x_s | x_t, x_0)).
+- `mean`: the two-stage form of the same step (x_0 ~ mu, then x_s ~ q(x_s | x_t, x_0)); same law.
 - `jump` and `confidence` (md4.reveal): jump times drawn up front, and MaskGIT-style unmasking
   of the most confident positions.
 
@@ -131,7 +131,8 @@ def cached(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None,
 def mean(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
          truncate: Truncation = Truncation(), callback=None, progress: bool = False,
          time_independent: bool = False) -> torch.Tensor:
-    """The mean-parameterisation sampler (the paper's Algorithm 3): each step draws a full x_0
+    """The two-stage sampler (the reference code's `mean` sampler; the paper, App. G, found it worse
+    than the one-stage step with float32 draws, not a difference in law): each step draws a full x_0
     from mu_theta, then reveals it at each masked position with probability
     (alpha_s - alpha_t) / (1 - alpha_t). x [B, N] -> [B, N]."""
     def step(xt, logits, t, s, generator):

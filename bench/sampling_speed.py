@@ -103,10 +103,10 @@ def main(argv=None):
                 if name == "ancestral":
                     base = (x, seconds)
                 same = "-" if base is None or name == "ancestral" else ("yes" if torch.equal(x, base[0]) else "no")
-                r = dict(grid=grid, steps=T, sampler=name, calls=counted.calls, evals_per_sample=counted.rows / args.num,
-                         seconds_per_sample=seconds / args.num, samples_per_second=args.num / seconds,
-                         speedup=(base[1] / seconds) if base else math.nan, same_as_ancestral=same,
-                         entropy_bits=unigram_entropy(x, V))
+                r = {"grid": grid, "steps": T, "sampler": name, "calls": counted.calls,
+                     "evals_per_sample": counted.rows / args.num, "seconds_per_sample": seconds / args.num,
+                     "samples_per_second": args.num / seconds, "speedup": (base[1] / seconds) if base else math.nan,
+                     "same_as_ancestral": same, "entropy_bits": unigram_entropy(x, V)}
                 rows.append(r)
                 print(f"| {grid} | {T} | {name} | {r['calls']} | {r['evals_per_sample']:.1f} | "
                       f"{r['seconds_per_sample']:.3f} | {r['samples_per_second']:.2f} | {r['speedup']:.2f}x | {same} | "

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from test_cli import user_error
 
 import md4
 from md4.cli import main
 from md4.data import CharTokenizer
-from test_cli import user_error
 
 ALPHABET = set(CharTokenizer.alphabet)
 pytestmark = pytest.mark.usefixtures("one_thread")

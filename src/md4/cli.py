@@ -99,8 +99,8 @@ def sampling_options(args, model) -> tuple[dict, object]:
     from md4.trace import Recorder, check_path
 
     get_sampler(args.sampler)  # fail before loading anything heavy
-    kwargs = dict(sampler=args.sampler, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  block=args.block)
+    kwargs = {"sampler": args.sampler, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+              "block": args.block}
     if args.prompt is not None and args.infill is not None:
         raise UserError("Give either --prompt or --infill, not both.")
     if args.prompt is not None:  # the text starts the sequence; the rest of the length is generated

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from md4.diffusion import categorical
 from md4.errors import UserError
-from md4.truncation import Truncation
+from md4.truncation import NO_TRUNCATION, Truncation
 
 
 def survival(model, grid: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ def reveal_steps(model, x: torch.Tensor, grid: torch.Tensor, generator=None) -> 
 
 @torch.no_grad()
 def jump(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-         truncate: Truncation = Truncation(), callback=None, progress: bool = False,
+         truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
          time_independent: bool = False) -> torch.Tensor:
     """The ancestral chain visited only at the steps where something is revealed: x [B, N] -> [B, N].
 
@@ -72,7 +72,7 @@ def jump(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *
 
 @torch.no_grad()
 def confidence(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-               truncate: Truncation = Truncation(), callback=None, progress: bool = False,
+               truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
                time_independent: bool = False) -> torch.Tensor:
     """Confidence-based unmasking (MaskGIT, LLaDA): x [B, N] -> [B, N].
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from md4.diffusion import categorical
 from md4.errors import UserError
 from md4.reveal import confidence, jump
-from md4.truncation import Truncation
+from md4.truncation import NO_TRUNCATION, Truncation
 
 
 def uniform_grid(steps: int) -> torch.Tensor:
@@ -90,9 +90,7 @@ def _walk(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator, trunc
     stale = torch.ones(B, dtype=torch.bool, device=x.device)
     for i in tqdm(range(len(grid) - 1, 0, -1), desc="sampling", disable=not progress, leave=False):
         t, s = grid[i].item(), grid[i - 1].item()
-        if not cache:
-            logits = truncate(denoiser(x, torch.full((B,), t, device=x.device)))
-        elif stale.all():
+        if not cache or stale.all():
             logits = truncate(denoiser(x, torch.full((B,), t, device=x.device)))
         elif stale.any():
             rows = stale.nonzero().squeeze(1)
@@ -107,7 +105,7 @@ def _walk(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator, trunc
 
 @torch.no_grad()
 def ancestral(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-              truncate: Truncation = Truncation(), callback=None, progress: bool = False,
+              truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
               time_independent: bool = False) -> torch.Tensor:
     """The ancestral sampler (the paper's Algorithm 2): x [B, N] long (masks where to generate)
     -> [B, N]; one denoiser call and one `model.reverse_step` per grid step."""
@@ -116,7 +114,7 @@ def ancestral(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=No
 
 @torch.no_grad()
 def cached(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-           truncate: Truncation = Truncation(), callback=None, progress: bool = False,
+           truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
            time_independent: bool = False) -> torch.Tensor:
     """`ancestral` with the prediction reused while a sample does not change: valid only when the
     denoiser ignores t (time_independent). Calls per sample = steps in which it changed (plus
@@ -129,7 +127,7 @@ def cached(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None,
 
 @torch.no_grad()
 def mean(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-         truncate: Truncation = Truncation(), callback=None, progress: bool = False,
+         truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
          time_independent: bool = False) -> torch.Tensor:
     """The two-stage sampler (the reference code's `mean` sampler; the paper, App. G, found it worse
     than the one-stage step with float32 draws, not a difference in law): each step draws a full x_0

@@ -83,11 +83,11 @@ def _strings(line, token_text, width=None):
     layers = {"mask": [], "old": [], "new": []}
     for n, (v, kind) in enumerate(line):
         ch = "_" if kind == "mask" else (token_text(v)[:1] or " ")
-        for k in layers:
-            layers[k].append(ch if k == kind else " ")
+        for k, chars in layers.items():
+            chars.append(ch if k == kind else " ")
         if width and (n + 1) % width == 0 and n + 1 < len(line):
-            for k in layers:
-                layers[k].append("\n")
+            for chars in layers.values():
+                chars.append("\n")
     return {k: "".join(v) for k, v in layers.items()}
 
 

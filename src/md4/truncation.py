@@ -52,6 +52,9 @@ class Truncation:
         return logits
 
 
+NO_TRUNCATION = Truncation()
+
+
 def argmax_logits(logits: torch.Tensor) -> torch.Tensor:
     """0 at the argmax of each row (the first one on ties), -inf elsewhere: [..., V]."""
     out = torch.full_like(logits, -torch.inf)

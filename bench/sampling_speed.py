@@ -10,7 +10,9 @@ return exactly the `ancestral` samples (checked, column "= anc."; `jump` has the
 (each on a batch), "evals/sample" the rows the network evaluated per sample (a cached call
 evaluates only the samples that changed). The unigram entropy of the samples (bits per token)
 is printed with the data's: a sampler that lost diversity shows up there. Generative perplexity
-needs a judge model (the evaluation issue); it is not computed here.
+needs a judge model (the evaluation issue); it is not computed here. "other load" is the CPU
+time other processes used during the row, in cores (/proc/stat): on the shared 2-core machine a
+row with other load above ~0.1 does not time this code alone.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import md4
 from md4.nn import Transformer
 from md4.sampling import sample
+from train_throughput import busy_cpu_seconds, own_cpu_seconds
 
 
 class Counting:
@@ -89,28 +92,29 @@ def main(argv=None):
         print(f"# data unigram entropy (valid split): {unigram_entropy(torch.from_numpy(data.astype('int64')), V):.3f} bits")
     sample(diffusion, net, 1, args.length, steps=2)  # warm-up
     rows, header = [], ("| grid | T | sampler | calls | evals/sample | s/sample | samples/s | speed-up | = anc. "
-                        "| entropy bits |\n|---|---|---|---|---|---|---|---|---|---|")
+                        "| entropy bits | other load |\n|---|---|---|---|---|---|---|---|---|---|---|")
     print(header)
     for grid in args.grids:
         for T in args.steps:
             base = None
             for name in args.samplers:
                 counted = Counting(net)
-                t0 = time.perf_counter()
+                busy0, own0, t0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
                 x = sample(diffusion, counted, args.num, args.length, steps=T, grid=grid, sampler=name,
                            generator=torch.Generator().manual_seed(args.seed))
                 seconds = time.perf_counter() - t0
+                other = max((busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0), 0.0) / seconds
                 if name == "ancestral":
                     base = (x, seconds)
                 same = "-" if base is None or name == "ancestral" else ("yes" if torch.equal(x, base[0]) else "no")
                 r = {"grid": grid, "steps": T, "sampler": name, "calls": counted.calls,
                      "evals_per_sample": counted.rows / args.num, "seconds_per_sample": seconds / args.num,
                      "samples_per_second": args.num / seconds, "speedup": (base[1] / seconds) if base else math.nan,
-                     "same_as_ancestral": same, "entropy_bits": unigram_entropy(x, V)}
+                     "same_as_ancestral": same, "entropy_bits": unigram_entropy(x, V), "other_load": other}
                 rows.append(r)
                 print(f"| {grid} | {T} | {name} | {r['calls']} | {r['evals_per_sample']:.1f} | "
                       f"{r['seconds_per_sample']:.3f} | {r['samples_per_second']:.2f} | {r['speedup']:.2f}x | {same} | "
-                      f"{r['entropy_bits']:.3f} |", flush=True)
+                      f"{r['entropy_bits']:.3f} | {other:.2f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

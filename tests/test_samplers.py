@@ -131,7 +131,10 @@ def test_jump_calls_a_time_conditioned_denoiser_at_each_reveal_time(sampler):
 # ----------------------------------------------------------------------------- truncation
 def test_top_p_keeps_the_smallest_set_with_enough_mass():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64).log()
-    kept = lambda p: torch.isfinite(top_p_logits(logits, p)).nonzero().flatten().tolist()
+
+    def kept(p):
+        return torch.isfinite(top_p_logits(logits, p)).nonzero().flatten().tolist()
+
     assert kept(0.4) == [0] and kept(0.5) == [0] and kept(0.51) == [0, 1] and kept(0.79) == [0, 1]
     assert kept(0.81) == [0, 1, 2] and kept(0.96) == [0, 1, 2, 3] and kept(1.0) == [0, 1, 2, 3]
     shuffled = logits[[2, 0, 3, 1]]  # order does not matter
@@ -170,7 +173,10 @@ def test_every_sampler_applies_truncation(sampler):
     """A denoiser with the same prediction everywhere: top-k = 1 and temperature 0 give its argmax
     at every position; top-k = 2 only its two most likely tokens, in the renormalised proportions."""
     probs = torch.tensor([0.1, 0.35, 0.05, 0.5], dtype=torch.float64)
-    den = lambda xt, t: probs.log().float().expand(*xt.shape, 4)
+
+    def den(xt, t):
+        return probs.log().float().expand(*xt.shape, 4)
+
     model = MD4(4, "linear")
     for kw in ({"top_k": 1}, {"temperature": 0}):
         x = sample(model, den, 20, 16, steps=32, generator=seeded(7), sampler=sampler, time_independent=True, **kw)
@@ -187,7 +193,10 @@ def test_confidence_reveals_on_schedule_and_most_confident_first():
     V, N, steps = 5, 12, 6
     peak = torch.linspace(0.2, 0.95, N)[torch.randperm(N, generator=seeded(8))]  # each position's confidence
     probs = torch.stack([peak] + [(1 - peak) / (V - 1)] * (V - 1), -1).double()  # token 0 most likely
-    den = lambda xt, t: probs.log().float().expand(xt.shape[0], N, V)
+
+    def den(xt, t):
+        return probs.log().float().expand(xt.shape[0], N, V)
+
     model = MD4(V, "cosine")
     states = []
     x = sample(model, den, 3, N, steps=steps, grid="uniform", generator=seeded(8), sampler="confidence",

@@ -40,7 +40,10 @@ def test_html_shows_one_line_per_state_with_the_new_tokens_highlighted():
 def test_recorder_keeps_each_changed_state_of_one_sample():
     rec = Recorder(index=1)
     model = MD4(4, "linear")
-    den = lambda xt, t: torch.zeros(*xt.shape, 4)
+
+    def den(xt, t):
+        return torch.zeros(*xt.shape, 4)
+
     x = model.sample(den, 3, 10, steps=50, generator=torch.Generator().manual_seed(0), callback=rec)
     assert torch.equal(rec.states[0], torch.full((10,), 4)) and torch.equal(rec.states[-1], x[1])
     assert rec.times[0] == 1.0 and rec.times[-1] >= 0.0 and all(a >= b for a, b in zip(rec.times, rec.times[1:]))

@@ -130,10 +130,13 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
         except (ValueError, KeyError, RuntimeError):
             raise UserError(f"Optimizer state in {found[-1]} does not match the model configuration.")
         st = ck["state"]
-        step = int(st["step"])
-        data_gen.set_state(checkpoint.decode_state(st["data_rng"]))
-        noise_gen.set_state(checkpoint.decode_state(st["noise_rng"]).to(noise_gen.get_state().device))
-        torch.set_rng_state(checkpoint.decode_state(st["torch_rng"]))
+        try:
+            step = int(st["step"])
+            data_gen.set_state(checkpoint.decode_state(st["data_rng"]))
+            noise_gen.set_state(checkpoint.decode_state(st["noise_rng"]).to(noise_gen.get_state().device))
+            torch.set_rng_state(checkpoint.decode_state(st["torch_rng"]))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"Checkpoint {found[-1]} has a damaged state.json ({type(e).__name__}: {e}).")
         if device.type == "cuda" and "cuda_rng" in st:
             torch.cuda.set_rng_state(checkpoint.decode_state(st["cuda_rng"]), device)
     checkpoint.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

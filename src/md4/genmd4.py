@@ -139,7 +139,7 @@ class GenMD4(MD4):
             rate = (a_s - a_t) / (1 - a_t)
         else:
             rate = -self.schedule.weight(t)  # lambda_t [B, V]
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [B, N, V]
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # [B, N, V]
         rate = rate.to(logp.dtype)
         rate_i = torch.gather(rate, 1, x0)  # [B, N]
         logp_i = logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)

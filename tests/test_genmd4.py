@@ -13,6 +13,7 @@
 
 import itertools
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -434,6 +435,18 @@ def save_genmd4_model(folder):
         diffusion.schedule.log_w.copy_(w.log())
     checkpoint.save_model(folder, model_metadata(cfg, 27), md4.pretrained.Bundle(diffusion, net).state_dict())
     return w
+
+
+def test_resumed_genmd4_run_ends_with_the_same_weights_and_w(genmd4_run, corpus, tmp_path):
+    """The schedule's parameter, its optimizer group (lr_scale) and the two-draw loss's noise resume exactly."""
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(genmd4_run / "checkpoints" / "step_00000015", run / "checkpoints" / "step_00000015")
+    argv = ["train", "--config", "tiny", "--out", str(run), "--set", f"data.corpus={corpus}", "--set",
+            "diffusion=genmd4", "--set", "train.schedule_lr_scale=20", "--quiet"]
+    assert main(argv) == 0
+    ref, got = (load_file(str(r / "model" / "model.safetensors")) for r in (genmd4_run, run))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
 def test_save_load_round_trip_of_w(tmp_path):

@@ -123,7 +123,7 @@ def test_all_w_one_is_md4_linear_on_the_same_draws(timesteps):
     V = 5
     gen, base = GenMD4(V), MD4(V, "linear")
     table = torch.randn(V + 1, V, generator=torch.Generator().manual_seed(0))
-    den = lambda xt, t: table[xt] * (1 + t[:, None, None])  # noqa: E731
+    den = lambda xt, t: table[xt] * (1 + t[:, None, None])
     x0 = torch.randint(0, V, (64, 20), generator=torch.Generator().manual_seed(1))
     a = gen.nelbo(den, x0, timesteps=timesteps, generator=torch.Generator().manual_seed(2))
     b = base.nelbo(den, x0, timesteps=timesteps, generator=torch.Generator().manual_seed(2))
@@ -198,7 +198,7 @@ def test_continuous_nelbo_estimator_is_unbiased_for_minus_log_likelihood():
     with torch.no_grad():
         for x0 in TOY.sequences[[5, 13]]:
             target = expected_nelbo(model, den, x0).item() + model.reconstruction(3)
-            mean, se = mc_mean(lambda: model.nelbo(den, x0.expand(512, -1), generator=gen), 40)
+            mean, se = mc_mean(lambda x0=x0: model.nelbo(den, x0.expand(512, -1), generator=gen), 40)
             assert abs(mean - target) < Z * se, (mean, target, se)
             assert abs(mean + TOY.log_prob(x0[None]).item()) < Z * se + 3e-3
 
@@ -235,7 +235,7 @@ def test_discrete_nelbo_decreases_to_the_continuous_one_and_its_estimator_is_unb
     for i in (5, 13):
         x0 = TOY.sequences[i]
         with torch.no_grad():
-            mean, se = mc_mean(lambda: model.nelbo(den, x0.expand(512, -1), timesteps=8, generator=gen), 30)
+            mean, se = mc_mean(lambda x0=x0: model.nelbo(den, x0.expand(512, -1), timesteps=8, generator=gen), 30)
         assert abs(mean - disc[i, 2].item() - model.reconstruction(3)) < Z * se
 
 

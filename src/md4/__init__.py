@@ -7,4 +7,4 @@ from md4.genmd4 import GenMD4
 from md4.pretrained import Pretrained, load
 
 __version__ = "0.1.0"
-__all__ = ["GenMD4", "MD4", "Pretrained", "UserError", "load", "schedules", "__version__"]
+__all__ = ["MD4", "GenMD4", "Pretrained", "UserError", "__version__", "load", "schedules"]

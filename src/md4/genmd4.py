@@ -91,7 +91,7 @@ class GenMD4(MD4):
         super().__init__(vocab_size, LearnablePoly(vocab_size, w))
 
     @classmethod
-    def from_config(cls, vocab_size: int, cfg) -> "GenMD4":
+    def from_config(cls, vocab_size: int, cfg) -> GenMD4:
         """Built by md4.pretrained.build: cfg.schedule gives the initial exponent of every token,
         "linear" (w = 1) or "polyK" (w = K)."""
         sched = schedules.get(cfg.schedule)

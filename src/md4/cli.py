@@ -1,4 +1,4 @@
-"""The `md4` command: train, eval, sample, demo. User errors print one sentence and exit 2."""
+"""The `md4` command: train, eval, sample, inspect, demo. User errors print one sentence and exit 2."""
 
 from __future__ import annotations
 
@@ -103,6 +103,30 @@ def cmd_demo(args) -> None:
           f"(training {minutes:.1f} min)")
 
 
+def cmd_inspect(args) -> None:
+    import md4
+    from md4.inspection import plot_exponents, unmasking_order
+
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}.")
+    model = md4.load(args.path)
+    order = unmasking_order(model)
+    path = plot_exponents(model, args.out or Path(args.path) / "genmd4_exponents.png")
+
+    def show(items):
+        return ", ".join(f"{label} {w:.3f}" for label, w in items)
+
+    k = min(args.top, len(order))
+    if args.json:
+        print(json.dumps({"order": [{"token": lab, "w": w} for lab, w in order], "png": str(path)}))
+        return
+    print(f"GenMD4 schedule of {model.source}: alpha_t,i = 1 - t^w_i for {len(order)} tokens (␣ is the space)")
+    print(f"unmask first (largest w): {show(order[:k])}")
+    print(f"unmask last (smallest w): {show(order[::-1][:k])}")
+    print(f"all, first to last: {' '.join(label for label, _ in order)}")
+    print(f"exponents plot: {path}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="md4", description="Masked diffusion models (MD4) for discrete data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,6 +162,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", choices=["cosine", "uniform"], default=None)
     s.add_argument("--length", type=int, default=None)
     s.set_defaults(fn=cmd_sample)
+
+    i = sub.add_parser("inspect", help="a GenMD4 model's learned schedule: tokens that unmask first and last, PNG")
+    i.add_argument("path", help="run folder or model folder of a genmd4 model")
+    i.add_argument("--out", help="PNG path (default: PATH/genmd4_exponents.png)")
+    i.add_argument("--top", type=int, default=5, help="tokens listed at each end")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(fn=cmd_inspect)
 
     d = sub.add_parser("demo", help="train the demo model on the embedded corpus, evaluate it and sample")
     d.add_argument("--out", default="runs/demo")

@@ -90,6 +90,9 @@ class TrainConfig:
     ckpt_every: int = 200
     keep: int = 2  # checkpoints kept
     max_minutes: float = 0.0  # stop early after this much training time (0 = no limit)
+    # the method's own parameters (GenMD4's schedule exponents): lr = schedule_lr_scale * lr
+    schedule_lr_scale: float = 1.0
+    schedule_weight_decay: float = 0.0  # GenMD4: decays log w, i.e. pulls w towards 1 (linear)
 
     def __post_init__(self):
         _check_positive(self, "train", ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "ckpt_every"))
@@ -208,6 +211,19 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] = (
         elif not path.exists():
             raise UserError(f"No config preset or file named {name_or_path!r}; presets: {', '.join(preset_names())}.")
         data = read_yaml(path)
+    _method_alias(data)
     for assignment in overrides:
         set_key(data, assignment)
+        _method_alias(data, override=True)
     return from_dict(Config, data)
+
+
+def _method_alias(data: dict, override: bool = False) -> None:
+    """The top-level key `diffusion` is another name for `method` (`--set diffusion=genmd4`); an
+    override replaces the file's method, a file must not give both with different values."""
+    if "diffusion" not in data:
+        return
+    alias = data.pop("diffusion")
+    if not override and "method" in data and str(data["method"]) != str(alias):
+        raise UserError(f"Config keys method ({data['method']}) and diffusion ({alias}) disagree; set one of them.")
+    data["method"] = alias

@@ -141,9 +141,11 @@ def test_sedd_score_entropy_matches_the_definition(t):
     tt = torch.full((len(xt),), t)
     got = (probs * score_entropy(net.batched(xt, tt), x0.expand_as(xt), xt, tt, noise, V).double()).sum()
     assert got.item() == pytest.approx(direct_score_entropy(net, x0.tolist(), t), rel=1e-5)
-    # and the model's one-sample estimator (random mask at this t) averages to it
+    # and the model's one-sample estimator (random mask at this t) averages to it; the network's
+    # outputs are the logits plus log V (md4.sedd.log_ratio)
     sedd, gen = SEDD(V), torch.Generator().manual_seed(0)
-    draws = torch.cat([sedd.nelbo(net.batched, x0.expand(400, N), t=torch.full((400,), t), generator=gen)
+    network = lambda x, tt: net.batched(x, tt) + math.log(V)  # noqa: E731
+    draws = torch.cat([sedd.nelbo(network, x0.expand(400, N), t=torch.full((400,), t), generator=gen)
                        for _ in range(5)]).double() - sedd.prior(N)
     se = draws.std().item() / math.sqrt(len(draws))
     assert abs(draws.mean().item() - got.item()) < 4.5 * se

@@ -8,8 +8,11 @@ sigma_bar(t) = int_0^t sigma. The log-linear schedule makes that probability lin
 
 The network estimates the concrete score: at a masked position n, the ratios
 s_y = p_t(x_t with x^n = y) / p_t(x_t) for the V real tokens y. As in SEDD, the score is
-"scaled by sigma": logits l [B, N, V] give log s_y = l_y - log(exp(sigma_bar) - 1), so that a
-network which ignores t can still be optimal (the true ratio is E[x_0^n = y | x_t] / (e^sigma_bar - 1)).
+"scaled by sigma": network outputs o [B, N, V] give log s_y = l_y - log(exp(sigma_bar) - 1) with
+l = o - log V, so that a network which ignores t can still be optimal (the true ratio is
+E[x_0^n = y | x_t] / (e^sigma_bar - 1), i.e. l = log E[x_0^n = y | x_t]) and a fresh network,
+whose outputs are near 0, starts with scores that sum to the right total (SEDD offsets by
+log(V - 1) for the same reason). Below, "logits" l already include the offset: l = o - log V.
 
 Denoising score entropy (the NELBO, in nats per sequence): with the true ratio
 r_y = p_t|0(y | x_0) / p_t|0(m | x_0) = [y = x_0^n] / (e^sigma_bar - 1) and K(r) = r (log r - 1),
@@ -68,9 +71,14 @@ class LogLinear(schedules.Schedule):
 T_MIN = 1e-6
 
 
+def log_ratio(output: torch.Tensor) -> torch.Tensor:
+    """Network output o [B, N, V] -> l = o - log V, the log of the score times (e^sigma_bar - 1)."""
+    return output - math.log(output.shape[-1])
+
+
 def score_entropy(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
                   noise: LogLinear, mask_id: int) -> torch.Tensor:
-    """The score entropy integrand at time t: [B] nats (logits [B, N, V], x0/xt [B, N], t [B]).
+    """The score entropy integrand at time t: [B] nats (l = logits [B, N, V], x0/xt [B, N], t [B]).
 
     sum_{n masked} sigma(t) / (e^sigma_bar(t) - 1) * (sum_y e^{l_y} - l_{x_0^n} - 1)."""
     logits = logits.float()
@@ -106,11 +114,11 @@ class SEDD(MD4):
             t = antithetic_times(B, generator, x0.device)
         t = t.clamp(min=T_MIN)
         xt = self.forward_sample(x0, t, generator)
-        return score_entropy(denoiser(xt, t), x0, xt, t, self.schedule, self.mask_id) + self.prior(N)
+        return score_entropy(log_ratio(denoiser(xt, t)), x0, xt, t, self.schedule, self.mask_id) + self.prior(N)
 
     def reverse_probs(self, logits: torch.Tensor, t: float, s: float) -> torch.Tensor:
         """Tweedie tau-leaping step for a masked position: [..., V + 1] float64 probabilities of
-        becoming each token y (index < V) or staying masked (index V)."""
+        becoming each token y (index < V) or staying masked (index V). logits: l = log_ratio(output)."""
         sb_t, sb_s = (self.schedule.sigma_bar(torch.tensor(v, dtype=torch.float64, device=logits.device))
                       for v in (t, s))
         log_score = logits.double() - torch.log(torch.expm1(sb_t))
@@ -122,7 +130,7 @@ class SEDD(MD4):
     def reverse_step(self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float,
                      generator=None) -> torch.Tensor:
         """Draw x_s given x_t (s < t): masked positions from `reverse_probs`, others stay."""
-        probs = self.reverse_probs(logits, t, s)
+        probs = self.reverse_probs(log_ratio(logits), t, s)
         cdf = probs.cumsum(-1)
         u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=torch.float64)
         draw = torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1).clamp_(max=self.mask_id)

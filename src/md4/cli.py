@@ -47,6 +47,8 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
     if limit > 0:
         chunks = chunks[:limit]
     exact = getattr(model.diffusion, "exact_likelihood", False)
+    if timesteps and getattr(model.diffusion, "continuous_time_only", False):
+        raise UserError(f"A {model.config.method} model has a continuous-time bound only; leave --timesteps at 0.")
     if exact:
         mc_samples, timesteps = 1, 0  # the likelihood is exact: one pass, no time
     nelbo = sequence_nelbo(model.diffusion, model.net, chunks, mc_samples=mc_samples, batch_size=batch_size,
@@ -89,9 +91,9 @@ def cmd_eval(args) -> None:
     if args.timesteps < 0:
         raise UserError(f"--timesteps must be 0 (continuous time) or a positive number of steps, got {args.timesteps}.")
     paths = args.path if isinstance(args.path, list) else [args.path]
+    models = [md4.load(path, device=args.device) for path in paths]  # a bad path fails before any work
     results = []
-    for path in paths:
-        model = md4.load(path, device=args.device)
+    for model in models:
         results.append(evaluate_model(model, args.split, args.data, args.mc_samples, args.timesteps,
                                       args.batch_size, args.limit, args.seed, progress=not args.json))
     if len(results) == 1:
@@ -177,10 +179,10 @@ def cmd_genppl(args) -> None:
     _torch_threads(args.threads)
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}.")
+    models = [md4.load(path, device=args.device) for path in args.path]
     judge = Judge.load(args.judge, device=args.device)
     results = []
-    for path in args.path:
-        model = md4.load(path, device=args.device)
+    for model in models:
         results.append(sample_quality(model, judge, args.num, args.steps, args.grid, args.seed, progress=not args.json))
     if args.reference:
         results.append(reference_quality(model, judge, args.num, seed=args.seed))

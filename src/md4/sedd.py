@@ -93,6 +93,8 @@ class SEDD(MD4):
     """SEDD absorbing with the log-linear schedule; shares MD4's forward process (mask each token
     with probability 1 - exp(-sigma_bar(t))) and sampler loop, with its own loss and reverse step."""
 
+    continuous_time_only = True
+
     def __init__(self, vocab_size: int, schedule: str | schedules.Schedule = "loglinear"):
         name = getattr(schedule, "name", schedule)
         if name not in ("loglinear", "linear"):

@@ -73,6 +73,7 @@ T_MIN = 1e-6
 
 def log_ratio(output: torch.Tensor) -> torch.Tensor:
     """Network output o [B, N, V] -> l = o - log V, the log of the score times (e^sigma_bar - 1)."""
+    output = output.to(torch.promote_types(output.dtype, torch.float32))  # bf16 -> float32, float64 stays
     return output - math.log(output.shape[-1])
 
 

@@ -112,9 +112,11 @@ class MD4(nn.Module):
         becomes x_0 with probability (alpha_s - alpha_t) / (1 - alpha_t), else stays masked.
         With x_0 ~ mu_theta(x_t) this is the reverse step in two stages (the `mean` sampler)."""
         a_t, a_s = (self.schedule.alpha(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
+        p = ((a_s - a_t) / (1 - a_t)).to(xt.device)
+        if p.dim():  # one schedule per token (GenMD4): alpha [V], taken at x_0
+            p = p[x0]
         u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
-        reveal = (xt == self.mask_id) & (u < ((a_s - a_t) / (1 - a_t)).to(xt.device))
-        return torch.where(reveal, x0, xt)
+        return torch.where((xt == self.mask_id) & (u < p), x0, xt)
 
     def sample(self, denoiser: Denoiser, num_samples: int, length: int, steps: int = 1000,
                grid: str = "cosine", generator=None, device=None, **kwargs) -> torch.Tensor:

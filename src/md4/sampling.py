@@ -182,6 +182,9 @@ def sample(model, denoiser, num_samples: int, length: int, steps: int = 1000, gr
     from md4.conditional import blockwise, initial_state
 
     run = get_sampler(sampler)
+    if sampler not in ("ancestral", "cached") and not getattr(model, "predicts_mean", True):
+        raise UserError(f"The {sampler} sampler draws tokens from a mean prediction; "
+                        f"{type(model).__name__} has its own reverse step, use ancestral or cached.")
     truncate = Truncation(temperature, top_k, top_p)
     for name, value in (("number of samples", num_samples), ("length", length)):
         if int(value) < 1:

@@ -109,14 +109,23 @@ def cmd_sample(args) -> None:
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}.")
     model = md4.load(args.path, device=args.device)
+    kwargs, recorder = sampling_options(args, model)
     judge = quality = None
     if args.judge:  # loaded first: a bad judge fails before the sampling time is spent
         from md4.judge import Judge, generative_perplexity
 
         judge = Judge.load(args.judge, device=args.device)
     t0 = time.time()
-    x = model.sample(args.num, steps=args.steps, grid=args.grid, length=args.length, seed=args.seed, progress=True)
+    x = model.sample(args.num, steps=args.steps, grid=args.grid, length=args.length, seed=args.seed, progress=True,
+                     **kwargs)
     texts = model.decode(x)
+    if recorder is not None:
+        from md4.trace import render
+
+        tok = model.tokenizer
+        render(recorder.states, args.trace, lambda i: tok.decode([i]), tok.mask_id, recorder.times,
+               title=f"md4 sample 0: {args.sampler} sampler, {args.steps or model.config.sample.steps} steps")
+        print(f"trace written to {args.trace}", file=sys.stderr)
     if judge:
         quality = generative_perplexity(judge, texts, ids=x.cpu())
     if args.json:
@@ -190,6 +199,38 @@ def cmd_genppl(args) -> None:
         print(json.dumps(results))
     else:
         print(quality_table(results))
+
+
+def sampling_options(args, model) -> tuple[dict, object]:
+    """model.sample keyword arguments from `md4 sample`'s options, and the trace recorder (or None)."""
+    from md4.conditional import text_condition
+    from md4.sampling import get_sampler
+    from md4.trace import Recorder, check_path
+
+    from md4.diffusion import MD4
+
+    get_sampler(args.sampler)  # fail before loading anything heavy
+    if not isinstance(model.diffusion, MD4):  # e.g. the AR baseline: its own sampler, no options
+        asked = [flag for flag, on in (("--sampler", args.sampler != "ancestral"), ("--temperature", args.temperature != 1),
+                                       ("--top-k", args.top_k), ("--top-p", args.top_p != 1), ("--block", args.block),
+                                       ("--prompt", args.prompt is not None), ("--infill", args.infill is not None),
+                                       ("--trace", args.trace)) if on]
+        if asked:
+            raise UserError(f"{', '.join(asked)} apply to masked diffusion models, not to {model.config.method}.")
+        return {}, None
+    kwargs = {"sampler": args.sampler, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+              "block": args.block}
+    if args.prompt is not None and args.infill is not None:
+        raise UserError("Give either --prompt or --infill, not both.")
+    if args.prompt is not None:  # the text starts the sequence; the rest of the length is generated
+        kwargs["known"], kwargs["known_mask"] = text_condition(model.tokenizer, args.prompt, args.length or model.length)
+    elif args.infill is not None:  # "_" marks the positions to generate; the length is the text's
+        kwargs["known"], kwargs["known_mask"] = text_condition(model.tokenizer, args.infill, args.length)
+    recorder = None
+    if args.trace:
+        check_path(args.trace)
+        recorder = kwargs["callback"] = Recorder(0)
+    return kwargs, recorder
 
 
 def cmd_demo(args) -> None:
@@ -274,6 +315,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="number of time steps T (default: the config's)")
     s.add_argument("--grid", choices=["cosine", "uniform"], default=None)
     s.add_argument("--length", type=int, default=None)
+    s.add_argument("--sampler", default="ancestral", help="ancestral, cached, mean, jump or confidence")
+    s.add_argument("--temperature", type=float, default=1.0, help="0 = argmax")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with mass >= p (1 = all)")
+    s.add_argument("--block", type=int, default=0,
+                   help="semi-autoregressive: after the first window, BLOCK new tokens per window (any --length)")
+    s.add_argument("--prompt", help="text the samples start with")
+    s.add_argument("--infill", help='text with "_" at the positions to generate, e.g. "the ____ sat on the ____"')
+    s.add_argument("--trace", metavar="PATH", help="draw sample 0's generation step by step (.html, .png, .gif)")
     s.add_argument("--judge", help="score the samples: generative perplexity under this causal LM "
                                    "(transformers id or folder, a .gguf file, or smollm2)")
     s.set_defaults(fn=cmd_sample)

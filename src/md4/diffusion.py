@@ -105,6 +105,19 @@ class MD4(nn.Module):
         tokens = categorical(logits, generator)
         return torch.where(reveal, tokens, xt)
 
+    def posterior_sample(
+        self, xt: torch.Tensor, x0: torch.Tensor, t: float, s: float, generator=None
+    ) -> torch.Tensor:
+        """Draw x_s ~ q(x_s | x_t, x_0) for s < t (x_t, x_0: [B, N] long): a masked position
+        becomes x_0 with probability (alpha_s - alpha_t) / (1 - alpha_t), else stays masked.
+        With x_0 ~ mu_theta(x_t) this is the reverse step in two stages (the `mean` sampler)."""
+        a_t, a_s = (self.schedule.alpha(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
+        p = ((a_s - a_t) / (1 - a_t)).to(xt.device)
+        if p.dim():  # one schedule per token (GenMD4): alpha [V], taken at x_0
+            p = p[x0]
+        u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
+        return torch.where((xt == self.mask_id) & (u < p), x0, xt)
+
     def sample(self, denoiser: Denoiser, num_samples: int, length: int, steps: int = 1000,
                grid: str = "cosine", generator=None, device=None, **kwargs) -> torch.Tensor:
         """Generate [num_samples, length] long with no mask left; see md4.sampling.sample."""

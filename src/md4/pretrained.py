@@ -106,11 +106,19 @@ class Pretrained:
 
     def sample(self, num: int, steps: int | None = None, grid: str | None = None, length: int | None = None,
                seed: int = 0, progress: bool = False, **kwargs) -> torch.Tensor:
+        """[num, length] long samples; kwargs go to md4.sampling.sample (sampler, known / known_mask,
+        temperature, top_k, top_p, block, callback, ...). With `block`, a sequence of any length is
+        generated in windows of the training length."""
         limit = self.net.rope_cos.shape[0]
-        if (length or self.length) > limit:
-            raise UserError(f"This model handles sequences of at most {limit} tokens, not {length}.")
+        known = kwargs.get("known")
+        length = length or (known.shape[-1] if known is not None else self.length)
+        if kwargs.get("block"):
+            kwargs.setdefault("window", min(self.length, limit))
+        elif length > limit:
+            raise UserError(f"This model handles sequences of at most {limit} tokens, not {length}; "
+                            "generate longer ones in blocks (block=...).")
         g = torch.Generator(self.device).manual_seed(seed)
-        return self.diffusion.sample(self.net, num, length or self.length, steps=steps or self.config.sample.steps,
+        return self.diffusion.sample(self.net, num, length, steps=steps or self.config.sample.steps,
                                      grid=grid or self.config.sample.grid, generator=g, device=self.device,
                                      progress=progress, **kwargs)
 

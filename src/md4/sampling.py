@@ -1,8 +1,20 @@
 """Time grids and samplers for masked diffusion models.
 
 A sampler walks a time grid 0 = t(0) < t(1) < ... < t(T) = 1 from t(T) down to t(0), starting
-from the all-mask sequence and applying the model's reverse step; positions still masked at the
-end are filled with the argmax of the prediction (shared/MATH.md, "Sampling").
+from a sequence whose masked positions are to be generated (all of them, or the unknown ones
+when infilling) and revealing them; positions still masked at the end are filled with the argmax
+of the prediction (shared/MATH.md, "Sampling"). Samplers, by name (`sample(..., sampler=NAME)`):
+
+- `ancestral`: the paper's Algorithm 2; each step calls the denoiser and `model.reverse_step`.
+- `cached`: the same chain and the same random draws, but when the denoiser ignores t it is
+  called again for a sample only after one of its positions changed; for the same seed it
+  returns exactly what `ancestral` returns, with at most min(T, length) calls per sample.
+- `mean`: the two-stage form of the same step (x_0 ~ mu, then x_s ~ q(x_s | x_t, x_0)); same law.
+- `jump` and `confidence` (md4.reveal): jump times drawn up front, and MaskGIT-style unmasking
+  of the most confident positions.
+
+Every sampler takes the same truncation of the prediction (md4.truncation: temperature, top-k,
+top-p) and reports each step to an optional `callback(x, t)` (md4.trace records it).
 """
 
 from __future__ import annotations
@@ -12,7 +24,10 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from md4.diffusion import categorical
 from md4.errors import UserError
+from md4.reveal import confidence, jump
+from md4.truncation import NO_TRUNCATION, Truncation
 
 
 def uniform_grid(steps: int) -> torch.Tensor:
@@ -51,33 +66,145 @@ def _default_device(denoiser, device):
     return torch.device("cpu")
 
 
-@torch.no_grad()
-def ancestral(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None,
-              progress: bool = False) -> torch.Tensor:
-    """The ancestral sampler (the paper's Algorithm 2): x [B, N] (masks where to generate)."""
+def ignores_time(denoiser) -> bool:
+    """Whether the denoiser is known to ignore t: an md4.nn.Transformer built with time_cond=False."""
+    return getattr(denoiser, "time_cond", None) is False
+
+
+def mean_step(model, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None) -> torch.Tensor:
+    """The two-stage reverse step: x_0 ~ mu_theta(x_t) at every position, then
+    x_s ~ q(x_s | x_t, x_0) (`model.posterior_sample`). Same law as `model.reverse_step`."""
+    x0 = categorical(logits, generator)
+    return model.posterior_sample(xt, x0, t, s, generator)
+
+
+def _walk(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator, truncate: Truncation,
+          callback, progress: bool, cache: bool, step) -> torch.Tensor:
+    """Walk the grid from t = 1 to 0 with `step(x_t, logits, t, s, generator) -> x_s`.
+
+    cache=False calls the denoiser on the whole batch at every step. cache=True (denoisers that
+    ignore t) keeps the truncated logits of each sample and recomputes them only for the samples
+    whose x changed in the last step; the random draws are the same either way."""
     B = x.shape[0]
+    logits = None
+    stale = torch.ones(B, dtype=torch.bool, device=x.device)
     for i in tqdm(range(len(grid) - 1, 0, -1), desc="sampling", disable=not progress, leave=False):
         t, s = grid[i].item(), grid[i - 1].item()
-        logits = denoiser(x, torch.full((B,), t, device=x.device))
-        x = model.reverse_step(x, logits, t, s, generator)
+        if not cache or stale.all():
+            logits = truncate(denoiser(x, torch.full((B,), t, device=x.device)))
+        elif stale.any():
+            rows = stale.nonzero().squeeze(1)
+            logits[rows] = truncate(denoiser(x[rows], torch.full((len(rows),), t, device=x.device)))
+        new = step(x, logits, t, s, generator)
+        stale = (new != x).any(-1)
+        x = new
+        if callback is not None:
+            callback(x, torch.full((B,), s, dtype=torch.float64))
     return x
 
 
-SAMPLERS = {"ancestral": ancestral}
+@torch.no_grad()
+def ancestral(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
+              truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
+              time_independent: bool = False) -> torch.Tensor:
+    """The ancestral sampler (the paper's Algorithm 2): x [B, N] long (masks where to generate)
+    -> [B, N]; one denoiser call and one `model.reverse_step` per grid step."""
+    return _walk(model, denoiser, x, grid, generator, truncate, callback, progress, False, model.reverse_step)
+
+
+@torch.no_grad()
+def cached(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
+           truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
+           time_independent: bool = False) -> torch.Tensor:
+    """`ancestral` with the prediction reused while a sample does not change: valid only when the
+    denoiser ignores t (time_independent). Calls per sample = steps in which it changed (plus
+    the first), at most min(T, N + 1)."""
+    if not time_independent:
+        raise UserError("The cached sampler needs a denoiser that ignores t (a model trained with "
+                        "model.time_cond=false); use ancestral or jump for this one.")
+    return _walk(model, denoiser, x, grid, generator, truncate, callback, progress, True, model.reverse_step)
+
+
+@torch.no_grad()
+def mean(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
+         truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
+         time_independent: bool = False) -> torch.Tensor:
+    """The two-stage sampler (the reference code's `mean` sampler; the paper, App. G, found it worse
+    than the one-stage step with float32 draws, not a difference in law): each step draws a full x_0
+    from mu_theta, then reveals it at each masked position with probability
+    (alpha_s - alpha_t) / (1 - alpha_t). x [B, N] -> [B, N]."""
+    def step(xt, logits, t, s, generator):
+        return mean_step(model, xt, logits, t, s, generator)
+
+    return _walk(model, denoiser, x, grid, generator, truncate, callback, progress, False, step)
+
+
+SAMPLERS = {"ancestral": ancestral, "cached": cached, "mean": mean, "jump": jump, "confidence": confidence}
+
+
+def get_sampler(name: str):
+    if name not in SAMPLERS:
+        raise UserError(f"Unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
+    return SAMPLERS[name]
+
+
+@torch.no_grad()
+def fill_masks(model, denoiser, x: torch.Tensor) -> torch.Tensor:
+    """Positions still masked take the argmax of the prediction at t = 0 (rows with masks only)."""
+    rows = (x == model.mask_id).any(-1).nonzero().squeeze(1)
+    if len(rows):  # rare: a position that never unmasked
+        sub = x[rows]
+        logits = denoiser(sub, torch.zeros(len(rows), device=x.device))
+        x = x.clone()
+        x[rows] = torch.where(sub == model.mask_id, logits.argmax(-1), sub)
+    return x
 
 
 @torch.no_grad()
 def sample(model, denoiser, num_samples: int, length: int, steps: int = 1000, grid: str = "cosine",
-           generator=None, device=None, sampler: str = "ancestral", progress: bool = False) -> torch.Tensor:
-    """Generate [num_samples, length] long sequences with no mask left."""
-    if sampler not in SAMPLERS:
-        raise UserError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+           generator=None, device=None, sampler: str = "ancestral", progress: bool = False, *,
+           known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, block: int = 0,
+           window: int | None = None, time_independent: bool | None = None, callback=None) -> torch.Tensor:
+    """Generate [num_samples, length] long sequences with no mask left.
+
+    known, known_mask: [num_samples, length] long and bool (or [length], shared): the positions
+        where known_mask is True keep the value of `known` (infilling, prompts); the rest is
+        generated. With the exact denoiser the result follows p(x | known positions).
+    temperature, top_k, top_p: truncation of the prediction (md4.truncation).
+    block, window: semi-autoregressive generation (md4.conditional.blockwise): the first `window`
+        positions at once, then `block` new positions at a time, each window conditioned on the
+        last window - block positions generated.
+    time_independent: the denoiser ignores t (needed by `cached`); None = detect it on an
+        md4.nn.Transformer (time_cond=False).
+    callback: called as callback(x [num_samples, length], t [num_samples]) after every step.
+    """
+    from md4.conditional import blockwise, initial_state
+
+    run = get_sampler(sampler)
+    if sampler not in ("ancestral", "cached") and not getattr(model, "predicts_mean", True):
+        raise UserError(f"The {sampler} sampler draws tokens from a mean prediction; "
+                        f"{type(model).__name__} has its own reverse step, use ancestral or cached.")
+    truncate = Truncation(temperature, top_k, top_p)
+    for name, value in (("number of samples", num_samples), ("length", length)):
+        if int(value) < 1:
+            raise UserError(f"The {name} must be at least 1, got {value}.")
     device = _default_device(denoiser, device)
     times = time_grid(steps, grid)
-    x = torch.full((num_samples, length), model.mask_id, dtype=torch.long, device=device)
-    x = SAMPLERS[sampler](model, denoiser, x, times, generator=generator, progress=progress)
-    masked = x == model.mask_id
-    if masked.any():  # rare: a position that never unmasked, filled with the argmax at t = 0
-        logits = denoiser(x, torch.zeros(num_samples, device=device))
-        x = torch.where(masked, logits.argmax(-1), x)
-    return x
+    if time_independent is None:
+        time_independent = ignores_time(denoiser)
+    x = initial_state(num_samples, length, model.mask_id, known, known_mask, device)
+
+    def generate(x_window, window_callback):
+        if window_callback is not None:
+            window_callback(x_window, torch.ones(len(x_window), dtype=torch.float64))
+        out = run(model, denoiser, x_window, times, generator, truncate=truncate, callback=window_callback,
+                  progress=progress, time_independent=time_independent)
+        out = fill_masks(model, denoiser, out)
+        if window_callback is not None:
+            window_callback(out, torch.zeros(len(out), dtype=torch.float64))
+        return out
+
+    if block:
+        return blockwise(generate, x, block, window or length, callback, progress)
+    return generate(x, callback)

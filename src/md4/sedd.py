@@ -95,6 +95,7 @@ class SEDD(MD4):
     with probability 1 - exp(-sigma_bar(t))) and sampler loop, with its own loss and reverse step."""
 
     continuous_time_only = True
+    predicts_mean = False  # the network gives score ratios: only samplers that use reverse_step apply
 
     def __init__(self, vocab_size: int, schedule: str | schedules.Schedule = "loglinear"):
         name = getattr(schedule, "name", schedule)

@@ -76,6 +76,10 @@ class TrainConfig:
     ckpt_every: int = 200
     keep: int = 2  # checkpoints kept
     max_minutes: float = 0.0  # stop early after this much training time (0 = no limit)
+    # under torchrun (md4.distributed): data-parallel mode, and rows per forward pass
+    parallel: str = "ddp"  # ddp (replicas) or fsdp (fully sharded, FSDP2)
+    micro_batch: int = 0  # 0 = the whole per-process batch (batch_size / processes); else accumulate
+    compile: bool = False  # torch.compile the network
 
     def __post_init__(self):
         _check_positive(self, "train", ("batch_size", "log_every", "eval_every", "eval_batches", "ckpt_every"))

@@ -18,6 +18,7 @@ from torch import nn
 from md4 import checkpoint
 from md4.config import Config, from_dict
 from md4.data import CharTokenizer
+from md4.data.bpe import GPT2Tokenizer
 from md4.diffusion import MD4
 from md4.errors import UserError
 from md4.nn import Transformer
@@ -28,7 +29,7 @@ from md4.nn import Transformer
 # are trained with the network and saved with it. A class attribute `causal = True` asks for a
 # causal network.
 METHODS = {"md4": MD4}
-TOKENIZERS = {"char": CharTokenizer}
+TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer}
 
 
 class Bundle(nn.Module):

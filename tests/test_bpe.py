@@ -95,7 +95,7 @@ def test_models_trained_on_bpe_decode_with_the_gpt2_tokenizer():
 
 def test_prepare_jsonl_documents_with_separators_and_held_out_split(tmp_path, tok):
     """Every document lands whole in exactly one split, followed by <|endoftext|>; piece i goes to valid
-    exactly when frac(i phi) < 0.1; 2 processes write the same bytes as 1."""
+    exactly when frac((i + 1) phi) < 0.1; 2 processes write the same bytes as 1."""
     docs = documents(200)
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)))
@@ -106,7 +106,7 @@ def test_prepare_jsonl_documents_with_separators_and_held_out_split(tmp_path, to
     got = {s: segments(read_split(outs[2], s), tok) for s in ("train", "valid", "test")}
     expect = {s: [d for i, d in enumerate(docs) if split_of(i, 0.1, 0.05) == s] for s in got}
     assert got == expect
-    assert len(expect["valid"]) == sum((i * PHI) % 1 < 0.1 for i in range(200)) >= 15
+    assert len(expect["valid"]) == sum(((i + 1) * PHI) % 1 < 0.1 for i in range(200)) >= 15
     assert len(expect["test"]) >= 5
     assert [meta["splits"][s]["documents"] for s in got] == [len(expect[s]) for s in got]
     assert sum(meta["splits"][s]["tokens"] for s in got) == sum(len(tok.encode(d)) + 1 for d in docs)

@@ -126,7 +126,7 @@ def add_data_parser(sub) -> None:
     p.add_argument("--test", type=float, default=0.0, help="fraction of pieces held out for testing")
     p.add_argument("--tokenizer", default="gpt2")
     p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0 = all CPUs)")
-    p.add_argument("--piece-chars", type=int, default=1 << 20, help="long documents are cut into pieces this long")
+    p.add_argument("--piece-chars", type=int, default=1 << 16, help="long documents are cut into pieces this long")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
     p.add_argument("--max-documents", type=int, default=0, help="stop after this many documents (0 = all)")
     p.set_defaults(fn=cmd_data_prepare)

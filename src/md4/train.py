@@ -204,7 +204,10 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
             loss = par.forward_backward(loss_module, model, corpus.train, tc.batch_size, micro, N, data_gen,
                                         tc.seed, step, device, bf16)
         else:
-            x0 = random_crops(corpus.train, tc.batch_size, N, data_gen).to(device, non_blocking=True)
+            x0 = random_crops(corpus.train, tc.batch_size, N, data_gen)
+            if device.type == "cuda":  # a copy from pageable memory would wait for the GPU: a host sync
+                x0 = x0.pin_memory()
+            x0 = x0.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = diffusion.loss(net, x0, generator=noise_gen) / N  # nats per token: O(1) gradients
             loss.backward()

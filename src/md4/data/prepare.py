@@ -7,8 +7,8 @@
 Documents: a text file is one document, a JSONL line is one (its `text_field`), a dataset
 record is one. Long documents are cut at line ends into pieces of about `piece_chars`
 characters; a piece is the unit of parallel work and of the held-out split. Piece i goes to
-valid when frac(i * phi) < valid, to test when it lies in [valid, valid + test), else to train
-(phi = the golden ratio: a deterministic, evenly spread choice with the asked-for fractions).
+valid when frac((i + 1) phi) < valid, to test when it lies in [valid, valid + test), else to
+train (phi = the golden ratio: a deterministic, evenly spread choice with the asked-for fractions).
 Each split is the concatenation of its pieces' tokens with `<|endoftext|>` after every
 document's end, and wherever the next piece of the same document went to another split.
 
@@ -25,6 +25,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 import time
 from dataclasses import dataclass
 from itertools import chain
@@ -155,7 +156,7 @@ def document_pieces(docs: Iterable[str | Path], piece_chars: int) -> Iterator[tu
 
 
 def split_of(i: int, valid: float, test: float) -> str:
-    u = (i * PHI) % 1.0
+    u = ((i + 1) * PHI) % 1.0
     return "valid" if u < valid else "test" if u < valid + test else "train"
 
 
@@ -229,7 +230,7 @@ class ShardWriter:
 
 def prepare(inputs: list[str | Path], out: str | Path, *, hf: str | None = None, hf_split: str = "train",
             text_field: str = "text", valid: float = 0.005, test: float = 0.0, tokenizer: str = "gpt2",
-            workers: int = 0, piece_chars: int = 1 << 20, shard_tokens: int = 1 << 28,
+            workers: int = 0, piece_chars: int = 1 << 16, shard_tokens: int = 1 << 28,
             max_documents: int = 0, progress: bool = True) -> dict:
     """Tokenise `inputs` (or the dataset `hf`) into the folder `out`; returns the metadata written.
     workers: processes (0 = all CPUs, 1 = this process only)."""
@@ -282,4 +283,8 @@ def prepare(inputs: list[str | Path], out: str | Path, *, hf: str | None = None,
             "source": {"hf": hf, "split": hf_split} if hf else [str(p) for p in inputs],
             "characters": chars, "seconds": round(time.time() - t0, 3), "splits": splits}
     write_text_atomic(out / META, json.dumps(meta, indent=2) + "\n")
+    for split, fraction in (("valid", valid), ("test", test)):
+        if fraction > 0 and not splits[split]["tokens"]:
+            print(f"warning: no piece landed in the {split} split; use a larger --{split} or a smaller --piece-chars",
+                  file=sys.stderr)
     return meta

@@ -203,6 +203,13 @@ def test_fsdp_run_matches_one_process_and_resumes(tmp_path, corpus):
     finish(torchrun(*train_args(resumed, sets)))
     assert_same_run(run, resumed)
 
+    # an FSDP checkpoint (AdamW state keyed by parameter name) cannot be resumed by one process
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step_00000004", other / "checkpoints" / "step_00000004")
+    with pytest.raises(UserError, match="saved by FSDP"):
+        train(load_config("tiny", sets), other, progress=False)
+
 
 # ---- configuration errors ------------------------------------------------------------------------------
 

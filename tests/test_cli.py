@@ -271,6 +271,12 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def drop_rng_key(path: Path) -> None:
+    state = json.loads(path.read_text())
+    del state["noise_rng"]
+    path.write_text(json.dumps(state))
+
+
 @pytest.mark.parametrize(
     "name, damage",
     [
@@ -280,6 +286,7 @@ def truncate(path: Path) -> None:
         ("optim.pt", truncate),
         ("optim.pt", garbage),
         ("state.json", truncate),
+        ("state.json", drop_rng_key),
     ],
 )
 def test_resume_from_a_damaged_checkpoint(run_copy, corpus, capsys, name, damage):

@@ -68,7 +68,7 @@ def test_dotted_overrides_and_type_coercion():
     assert cfg.model.dim == load_config("tiny").model.dim
 
 
-@pytest.mark.parametrize("text, expected", [("1e-3", 1e-3), ("3.0e-4", 3e-4), ("2", 2.0), ("0.5", 0.5), ("-1E2", -100.0)])
+@pytest.mark.parametrize("text, expected", [("1e-3", 1e-3), ("3.0e-4", 3e-4), ("2", 2.0), ("0.5", 0.5), ("1E-2", 0.01)])
 def test_float_spellings(text, expected):
     assert load_config("tiny", [f"train.lr={text}"]).train.lr == expected
 
@@ -103,6 +103,19 @@ def test_later_override_wins():
         ("model.heads=0", ["model.heads", "at least 1"]),
         ("data.length=0", ["data.length", "at least 1"]),
         ("train.batch_size=0", ["train.batch_size", "at least 1"]),
+        ("train.steps=0", ["train.steps", "at least 1"]),
+        ("train.lr=1e39", ["train.lr", "(0, 1e+30]"]),  # overflowed inside AdamW before
+        ("train.lr=-1", ["train.lr"]),
+        ("train.lr=nan", ["train.lr"]),
+        ("train.ema=1", ["train.ema", "[0, 1)"]),
+        ("train.beta2=1.5", ["train.beta2"]),
+        ("train.warmup=-3", ["train.warmup"]),
+        ("train.grad_clip=-1", ["train.grad_clip"]),
+        ("train.min_lr_ratio=2", ["train.min_lr_ratio"]),
+        ("model.dropout=1", ["model.dropout"]),
+        ("model.mlp_ratio=0", ["model.mlp_ratio"]),
+        ("sample.steps=0", ["sample.steps", "at least 1"]),
+        ("sample.grid=foo", ["sample.grid", "cosine or uniform"]),
     ],
 )
 def test_bad_overrides_are_user_errors(override, words):

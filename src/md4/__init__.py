@@ -3,7 +3,8 @@
 from md4 import schedules
 from md4.diffusion import MD4
 from md4.errors import UserError
+from md4.genmd4 import GenMD4
 from md4.pretrained import Pretrained, load
 
 __version__ = "0.1.0"
-__all__ = ["MD4", "Pretrained", "UserError", "load", "schedules", "__version__"]
+__all__ = ["MD4", "GenMD4", "Pretrained", "UserError", "__version__", "load", "schedules"]

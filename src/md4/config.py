@@ -9,6 +9,7 @@ of the wrong type are user errors (one sentence, exit status 2 from the CLI).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,17 @@ import yaml
 from md4.errors import UserError
 
 PRESETS = Path(__file__).parent / "presets"
+
+
+def _check_range(section, prefix: str, name: str, low: float, high: float = float("inf"),
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """A number must lie in [low, high] (ends excluded where *_open), and be finite."""
+    value = getattr(section, name)
+    ok = math.isfinite(value) and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open or high == float("inf") else "]"
+        raise UserError(f"Config key {prefix}.{name} must lie in {lo}{low:g}, {high:g}{hi}, got {value!r}.")
 
 
 def _check_positive(section, prefix: str, names: tuple[str, ...]) -> None:
@@ -42,7 +54,9 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        _check_positive(self, "model", ("dim", "layers", "heads"))
+        _check_positive(self, "model", ("dim", "layers", "heads", "cond_dim"))
+        _check_range(self, "model", "mlp_ratio", 0, low_open=True)
+        _check_range(self, "model", "dropout", 0, 1, high_open=True)
 
 
 @dataclass
@@ -80,9 +94,19 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp (replicas) or fsdp (fully sharded, FSDP2)
     micro_batch: int = 0  # 0 = the whole per-process batch (batch_size / processes); else accumulate
     compile: bool = False  # torch.compile the network
+    # the method's own parameters (GenMD4's schedule exponents): lr = schedule_lr_scale * lr
+    schedule_lr_scale: float = 1.0
+    schedule_weight_decay: float = 0.0  # GenMD4: decays log w, i.e. pulls w towards 1 (linear)
 
     def __post_init__(self):
-        _check_positive(self, "train", ("batch_size", "log_every", "eval_every", "eval_batches", "ckpt_every"))
+        _check_positive(self, "train", ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "ckpt_every"))
+        _check_range(self, "train", "lr", 0, 1e30, low_open=True)  # beyond float32 range AdamW overflows
+        for name in ("warmup", "weight_decay", "grad_clip", "max_minutes", "threads", "keep"):
+            _check_range(self, "train", name, 0)
+        for name in ("min_lr_ratio", "ema"):
+            _check_range(self, "train", name, 0, 1, high_open=name == "ema")
+        for name in ("beta1", "beta2"):
+            _check_range(self, "train", name, 0, 1, high_open=True)
 
 
 @dataclass
@@ -90,6 +114,11 @@ class SampleConfig:
     steps: int = 256
     grid: str = "cosine"
     num: int = 4
+
+    def __post_init__(self):
+        _check_positive(self, "sample", ("steps", "num"))
+        if self.grid not in ("cosine", "uniform"):
+            raise UserError(f"Config key sample.grid must be cosine or uniform, got {self.grid!r}.")
 
 
 @dataclass
@@ -186,6 +215,19 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] = (
         elif not path.exists():
             raise UserError(f"No config preset or file named {name_or_path!r}; presets: {', '.join(preset_names())}.")
         data = read_yaml(path)
+    _method_alias(data)
     for assignment in overrides:
         set_key(data, assignment)
+        _method_alias(data, override=True)
     return from_dict(Config, data)
+
+
+def _method_alias(data: dict, override: bool = False) -> None:
+    """The top-level key `diffusion` is another name for `method` (`--set diffusion=genmd4`); an
+    override replaces the file's method, a file must not give both with different values."""
+    if "diffusion" not in data:
+        return
+    alias = data.pop("diffusion")
+    if not override and "method" in data and str(data["method"]) != str(alias):
+        raise UserError(f"Config keys method ({data['method']}) and diffusion ({alias}) disagree; set one of them.")
+    data["method"] = alias

@@ -16,19 +16,24 @@ import torch
 from torch import nn
 
 from md4 import checkpoint
+from md4.ar import AR
 from md4.config import Config, from_dict
 from md4.data import CharTokenizer
 from md4.data.bpe import GPT2Tokenizer
 from md4.diffusion import MD4
 from md4.errors import UserError
+from md4.genmd4 import GenMD4
 from md4.nn import Transformer
+from md4.sedd import SEDD
 
 # Training methods: name -> class. A method is an nn.Module built as cls(vocab_size, schedule)
 # with loss(net, x0, generator) (scalar, nats per sequence), nelbo(net, x0, timesteps, generator, t)
 # ([B] nats) and sample(net, num_samples, length, ...); its parameters (a learnable schedule)
 # are trained with the network and saved with it. A class attribute `causal = True` asks for a
-# causal network.
-METHODS = {"md4": MD4}
+# causal network. A class with a classmethod from_config(vocab_size, cfg) is built by it instead.
+# Baselines (issue 4): "ar" (causal, exact likelihood) and "sedd" (score entropy, absorbing);
+# D3PM-absorb is "md4" evaluated with --timesteps 1000.
+METHODS = {"md4": MD4, "genmd4": GenMD4, "ar": AR, "sedd": SEDD}
 TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer}
 
 
@@ -66,7 +71,8 @@ def method_class(name: str):
 def build(cfg: Config, vocab_size: int) -> tuple[MD4, Transformer]:
     """(diffusion model, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens."""
     cls = method_class(cfg.method)
-    diffusion = cls(vocab_size, cfg.schedule)
+    from_config = getattr(cls, "from_config", None)
+    diffusion = from_config(vocab_size, cfg) if from_config else cls(vocab_size, cfg.schedule)
     m = cfg.model
     if m.dim % m.heads:
         raise UserError(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads}).")

@@ -52,10 +52,14 @@ def use_bf16(setting: str, device: torch.device) -> bool:
 
 def make_optimizer(model: Bundle, cfg, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on the network's matrices only (not on norms, biases or gains);
-    the method's own parameters (a learnable schedule) join the undecayed group."""
+    the method's own parameters (a learnable schedule), if any, get a third group with learning
+    rate schedule_lr_scale x lr and weight decay schedule_weight_decay."""
     decay = [p for p in model.net.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.net.parameters() if p.ndim < 2] + list(model.diffusion.parameters())
+    no_decay = [p for p in model.net.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    own = list(model.diffusion.parameters())
+    if own:
+        groups.append({"params": own, "weight_decay": cfg.schedule_weight_decay, "lr_scale": cfg.schedule_lr_scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
@@ -156,10 +160,13 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
         except (ValueError, KeyError, RuntimeError):
             raise UserError(f"Optimizer state in {found[-1]} does not match the model configuration.")
         st = ck["state"]
-        step = int(st["step"])
-        data_gen.set_state(checkpoint.decode_state(st["data_rng"]))
-        noise_gen.set_state(checkpoint.decode_state(st["noise_rng"]).to(noise_gen.get_state().device))
-        torch.set_rng_state(checkpoint.decode_state(st["torch_rng"]))
+        try:
+            step = int(st["step"])
+            data_gen.set_state(checkpoint.decode_state(st["data_rng"]))
+            noise_gen.set_state(checkpoint.decode_state(st["noise_rng"]).to(noise_gen.get_state().device))
+            torch.set_rng_state(checkpoint.decode_state(st["torch_rng"]))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"Checkpoint {found[-1]} has a damaged state.json ({type(e).__name__}: {e}).")
         if device.type == "cuda" and "cuda_rng" in st:
             torch.cuda.set_rng_state(checkpoint.decode_state(st["cuda_rng"]), device)
     par.barrier()  # every rank has read the checkpoint before rank 0 writes anything
@@ -199,7 +206,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     while step < tc.steps:
         lr = lr_at(step, tc)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if accumulate:  # several processes or micro-batches (md4.distributed)
             loss = par.forward_backward(loss_module, model, corpus.train, tc.batch_size, micro, N, data_gen,
                                         tc.seed, step, device, bf16)

@@ -50,18 +50,20 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Multi-head self-attention: fused qkv projection, RoPE on q and k, no mask."""
 
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, causal: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [B, N, D] -> [B, N, D]; every position attends to every position."""
+        """x: [B, N, D] -> [B, N, D]; every position attends to every position (to itself and
+        the earlier ones when causal)."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v,
+                                           is_causal=self.causal)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, N, D)))
 
 
@@ -87,11 +89,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm block; with cond_dim > 0 its norms and residual gates are set by adaLN-zero."""
 
-    def __init__(self, dim: int, heads: int, hidden: int, glu: bool, cond_dim: int, dropout: float):
+    def __init__(self, dim: int, heads: int, hidden: int, glu: bool, cond_dim: int, dropout: float,
+                 causal: bool = False):
         super().__init__()
         affine = cond_dim == 0  # under adaLN the modulation is the norm's affine map
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=affine, bias=False)
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout, causal)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=affine, bias=False)
         self.mlp = MLP(dim, hidden, glu, dropout)
         self.ada = nn.Linear(cond_dim, 6 * dim) if cond_dim else None
@@ -108,14 +111,16 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Denoiser backbone; `time_cond=False` builds no time parameters and ignores t entirely."""
+    """Denoiser backbone; `time_cond=False` builds no time parameters and ignores t entirely.
+    `causal=True` makes position n attend only to positions <= n (the autoregressive baseline)."""
 
     def __init__(self, vocab_size: int, dim: int = 384, layers: int = 6, heads: int = 6,
                  mlp_ratio: float = 4.0, glu: bool = True, time_cond: bool = True,
-                 cond_dim: int = 128, dropout: float = 0.0, max_len: int = 4096):
+                 cond_dim: int = 128, dropout: float = 0.0, max_len: int = 4096, causal: bool = False):
         super().__init__()
         assert dim % heads == 0 and (dim // heads) % 2 == 0, "head dim must be even, for RoPE"
         self.vocab_size, self.dim, self.layers, self.time_cond = vocab_size, dim, layers, time_cond
+        self.causal = causal
         # SwiGLU has three matrices: 2/3 of the hidden width keeps the parameter count (llama)
         hidden = -(-int(2 / 3 * mlp_ratio * dim) // 32) * 32 if glu else int(mlp_ratio * dim)
         self.cond_dim = cond_dim = cond_dim if time_cond else 0
@@ -124,7 +129,7 @@ class Transformer(nn.Module):
             self.time_mlp = nn.Sequential(nn.Linear(cond_dim, cond_dim), nn.SiLU(),
                                           nn.Linear(cond_dim, cond_dim), nn.SiLU())
             self.final_ada = nn.Linear(cond_dim, 2 * dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, hidden, glu, cond_dim, dropout)
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden, glu, cond_dim, dropout, causal)
                                     for _ in range(layers))
         self.norm = nn.LayerNorm(dim, elementwise_affine=not time_cond, bias=False)
         self.head = nn.Linear(dim, vocab_size, bias=False)

@@ -113,6 +113,12 @@ def read_json(path: Path) -> dict:
 
 def load_into(module: torch.nn.Module, weights: dict, source: Path) -> None:
     """Load `weights` into `module`, with one clear sentence if names or shapes differ."""
+    check_weights(module, weights, source)
+    module.load_state_dict(weights)
+
+
+def check_weights(module: torch.nn.Module, weights: dict, source: Path) -> None:
+    """UserError unless `weights` has exactly the module's names and (global) shapes."""
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or unexpected:
@@ -122,7 +128,6 @@ def load_into(module: torch.nn.Module, weights: dict, source: Path) -> None:
         if v.shape != own[k].shape:
             raise UserError(f"Weights in {source} do not match the model configuration: {k} has shape "
                             f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)} (different vocabulary or size?).")
-    module.load_state_dict(weights)
 
 
 # ----------------------------------------------------------------------------- training checkpoints

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ def cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.set)
     model_dir = train(cfg, args.out, progress=not args.quiet)
-    print(f"model saved to {model_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(f"model saved to {model_dir}")
 
 
 def evaluate_model(model, split: str | None = "valid", data: str | None = None, mc_samples: int = 1,
@@ -253,6 +255,35 @@ def cmd_demo(args) -> None:
           f"(training {minutes:.1f} min)")
 
 
+def cmd_data_prepare(args) -> None:
+    from md4.data.prepare import prepare
+
+    meta = prepare(args.inputs, args.out, hf=args.hf, hf_split=args.hf_split, text_field=args.text_field,
+                   valid=args.valid, test=args.test, tokenizer=args.tokenizer, workers=args.workers,
+                   piece_chars=args.piece_chars, shard_tokens=args.shard_tokens, max_documents=args.max_documents)
+    sizes = ", ".join(f"{s} {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in meta["splits"].items())
+    print(f"{args.out}: {meta['characters']:,} characters -> {sizes} ({meta['seconds']:.1f} s); "
+          f"train with --set data.corpus={args.out}")
+
+
+def add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="prepare corpora").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="tokenize a corpus (GPT-2 BPE) into uint16 shards with a held-out split")
+    p.add_argument("inputs", nargs="*", help="text files, JSONL files (one document per line) or folders of them")
+    p.add_argument("--out", required=True, help="output folder (meta.json + *.bin shards)")
+    p.add_argument("--hf", metavar="DATASET[:CONFIG]", help="a Hugging Face dataset instead, e.g. Skylion007/openwebtext")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--text-field", default="text", help="the text field of JSONL lines / dataset records")
+    p.add_argument("--valid", type=float, default=0.005, help="fraction of pieces held out for validation")
+    p.add_argument("--test", type=float, default=0.0, help="fraction of pieces held out for testing")
+    p.add_argument("--tokenizer", default="gpt2")
+    p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0 = all CPUs)")
+    p.add_argument("--piece-chars", type=int, default=1 << 16, help="long documents are cut into pieces this long")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
+    p.add_argument("--max-documents", type=int, default=0, help="stop after this many documents (0 = all)")
+    p.set_defaults(fn=cmd_data_prepare)
+
+
 def cmd_inspect(args) -> None:
     import md4
     from md4.inspection import plot_exponents, unmasking_order
@@ -351,6 +382,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=int, default=3)
     d.add_argument("--eval-sequences", type=int, default=0, help="validation sequences to evaluate (0 = all)")
     d.set_defaults(fn=cmd_demo)
+    add_data_parser(sub)
     return p
 
 

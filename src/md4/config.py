@@ -90,6 +90,10 @@ class TrainConfig:
     ckpt_every: int = 200
     keep: int = 2  # checkpoints kept
     max_minutes: float = 0.0  # stop early after this much training time (0 = no limit)
+    # under torchrun (md4.distributed): data-parallel mode, and rows per forward pass
+    parallel: str = "ddp"  # ddp (replicas) or fsdp (fully sharded, FSDP2)
+    micro_batch: int = 0  # 0 = the whole per-process batch (batch_size / processes); else accumulate
+    compile: bool = False  # torch.compile the network
     # the method's own parameters (GenMD4's schedule exponents): lr = schedule_lr_scale * lr
     schedule_lr_scale: float = 1.0
     schedule_weight_decay: float = 0.0  # GenMD4: decays log w, i.e. pulls w towards 1 (linear)

@@ -19,6 +19,7 @@ from md4 import checkpoint
 from md4.ar import AR
 from md4.config import Config, from_dict
 from md4.data import CharTokenizer
+from md4.data.bpe import GPT2Tokenizer
 from md4.diffusion import MD4
 from md4.errors import UserError
 from md4.genmd4 import GenMD4
@@ -33,7 +34,7 @@ from md4.sedd import SEDD
 # Baselines (issue 4): "ar" (causal, exact likelihood) and "sedd" (score entropy, absorbing);
 # D3PM-absorb is "md4" evaluated with --timesteps 1000.
 METHODS = {"md4": MD4, "genmd4": GenMD4, "ar": AR, "sedd": SEDD}
-TOKENIZERS = {"char": CharTokenizer}
+TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer}
 
 
 class Bundle(nn.Module):

@@ -22,12 +22,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from md4 import checkpoint
+from md4 import checkpoint, distributed
 from md4.config import Config
 from md4.data import eval_chunks, load_corpus, random_crops
 from md4.errors import UserError
 from md4.evaluate import sequence_nelbo, summarize
-from md4.pretrained import Bundle, build, model_metadata, resolve_device
+from md4.pretrained import Bundle, build, model_metadata
 
 
 def lr_at(step: int, cfg) -> float:
@@ -99,12 +99,35 @@ class Metrics:
             self.tb.close()
 
 
+class NoMetrics:
+    """What ranks other than 0 log: nothing."""
+
+    def log(self, step: int, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
-    """Train (or resume) the run in folder `out`; returns the finished model folder."""
+    """Train (or resume) the run in folder `out`; returns the finished model folder.
+    Under torchrun, every process runs this (see md4.distributed); rank 0 writes the files."""
     run_dir = Path(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
-    device = resolve_device(tc.device)
+    par = distributed.setup(tc.parallel, tc.device)
+    try:
+        return _train(cfg, run_dir, progress and par.main, par)
+    finally:
+        par.close()
+
+
+def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel) -> Path:
+    tc = cfg.train
+    device = par.device
+    micro = par.check_batch(tc.batch_size, tc.micro_batch)
+    accumulate = par.active or micro < tc.batch_size  # else the plain single-process step below
+    if par.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     bf16 = use_bf16(tc.bf16, device)
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
@@ -118,6 +141,9 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     model = Bundle(diffusion, net).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     ema_net, ema_diffusion = ema.net, ema.diffusion
+    loss_module = par.wrap(model, ema)  # FSDP shards model and ema in place, before the optimizer sees them
+    if tc.compile:
+        net.compile()
     opt = make_optimizer(model, tc, device)
     data_gen = torch.Generator().manual_seed(tc.seed + 1)  # training crops (on CPU)
     noise_gen = torch.Generator(device).manual_seed(tc.seed + 2)  # diffusion times and masks
@@ -127,10 +153,10 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     found = checkpoint.checkpoints(run_dir)
     if found:
         ck = checkpoint.load_checkpoint(found[-1])
-        checkpoint.load_into(model, ck["model"], found[-1])
-        checkpoint.load_into(ema, ck["ema"], found[-1])
+        par.load_weights(model, ck["model"], found[-1])
+        par.load_weights(ema, ck["ema"], found[-1])
         try:
-            opt.load_state_dict(ck["optim"])
+            par.load_optimizer(model, opt, ck["optim"])
         except (ValueError, KeyError, RuntimeError):
             raise UserError(f"Optimizer state in {found[-1]} does not match the model configuration.")
         st = ck["state"]
@@ -143,8 +169,10 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
             raise UserError(f"Checkpoint {found[-1]} has a damaged state.json ({type(e).__name__}: {e}).")
         if device.type == "cuda" and "cuda_rng" in st:
             torch.cuda.set_rng_state(checkpoint.decode_state(st["cuda_rng"]), device)
-    checkpoint.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    metrics = Metrics(run_dir, step)
+    par.barrier()  # every rank has read the checkpoint before rank 0 writes anything
+    if par.main:
+        checkpoint.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    metrics = Metrics(run_dir, step) if par.main else NoMetrics()
 
     def save(step: int) -> None:
         state = {"data_rng": checkpoint.encode_state(data_gen.get_state()),
@@ -154,8 +182,9 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
                  "run_loss": run_loss.item(), "run_gnorm": run_gnorm.item(), "run_n": run_n}
         if device.type == "cuda":
             state["cuda_rng"] = checkpoint.encode_state(torch.cuda.get_rng_state(device))
-        checkpoint.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), opt.state_dict(),
-                                   state, keep=tc.keep)
+        states = par.state_dicts(model, ema, opt)  # full state dicts on rank 0 (gathered for FSDP)
+        if par.main:
+            checkpoint.save_checkpoint(run_dir, step, *states, state, keep=tc.keep)
 
     def validate(step: int) -> float:
         nelbo = sequence_nelbo(ema_diffusion, ema_net, valid, batch_size=tc.batch_size, seed=tc.seed, device=device,
@@ -165,7 +194,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
         return bpc
 
     params = [p for p in model.parameters()]
-    ema_params = [p for p in ema.parameters()]
+    ema_params = [distributed.local(p) for p in ema.parameters()]  # FSDP: each rank averages its shards
+    own_params = [distributed.local(p) for p in params]
     per_token = math.log(2)
     model.train()
     t0, run_n = time.time(), int(st.get("run_n", 0))
@@ -177,23 +207,32 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
         lr = lr_at(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        x0 = random_crops(corpus.train, tc.batch_size, N, data_gen).to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion.loss(net, x0, generator=noise_gen) / N  # nats per token: O(1) gradients
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        if accumulate:  # several processes or micro-batches (md4.distributed)
+            loss = par.forward_backward(loss_module, model, corpus.train, tc.batch_size, micro, N, data_gen,
+                                        tc.seed, step, device, bf16)
+        else:
+            x0 = random_crops(corpus.train, tc.batch_size, N, data_gen)
+            if device.type == "cuda":  # a copy from pageable memory would wait for the GPU: a host sync
+                x0 = x0.pin_memory()
+            x0 = x0.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = diffusion.loss(net, x0, generator=noise_gen) / N  # nats per token: O(1) gradients
+            loss.backward()
+        gnorm = par.clip_grad_norm(params, tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         # EMA with the usual warm-up, so that short runs get useful averaged weights.
         decay = min(tc.ema, (1 + step) / (10 + step)) if tc.ema > 0 else 0.0
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+            torch._foreach_lerp_(ema_params, own_params, 1 - decay)
         step += 1
         run_loss += loss.detach()  # accumulated on the device: no host sync inside the step
         run_gnorm += gnorm.detach()
         run_n += 1
         bar.update(1)
         last = step == tc.steps or bool(tc.max_minutes and time.time() - t0 > 60 * tc.max_minutes)
+        if tc.max_minutes and par.active:
+            last = par.any(last)  # every rank stops at the same step
         log_now, ckpt_now = step % tc.log_every == 0 or last, step % tc.ckpt_every == 0 or last
         if log_now or ckpt_now:
             bpc, gn = run_loss.item() / run_n / per_token, run_gnorm.item() / run_n
@@ -216,8 +255,11 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     bar.close()
     metrics.close()
     model_dir = run_dir / "model"
-    checkpoint.save_model(model_dir, model_metadata(cfg, V), ema.state_dict())
-    plot_curves(run_dir)
+    states = par.state_dicts(model, ema, opt) if par.mode == "fsdp" else (None, ema.state_dict(), None)
+    if par.main:
+        checkpoint.save_model(model_dir, model_metadata(cfg, V, getattr(corpus.tokenizer, "name", "char")), states[1])
+        plot_curves(run_dir)
+    par.barrier()
     return model_dir
 
 

@@ -29,11 +29,20 @@ def random_offsets(n: int, batch_size: int, length: int, generator: torch.Genera
 
 
 def random_crops(
-    data: np.ndarray | torch.Tensor, batch_size: int, length: int, generator: torch.Generator
+    data: np.ndarray | torch.Tensor, batch_size: int, length: int, generator: torch.Generator,
+    rows: slice = slice(None),
 ) -> torch.Tensor:
-    """[B, N] long: crops data[s : s + N] at B uniform random offsets s, gathered in one index op."""
+    """[B, N] long: crops data[s : s + N] at B uniform random offsets s, gathered in one index op.
+
+    rows: return only these rows of the batch (a data-parallel rank's share); all B offsets are
+    drawn regardless, so the generator advances the same way. Prepared token shards
+    (md4.data.tokens.TokenShards) are read window by window from disk."""
+    from md4.data.tokens import TokenShards, random_windows
+
+    if isinstance(data, TokenShards):
+        return random_windows(data, batch_size, length, generator, rows)
     data = _as_tensor(data, length)
-    starts = random_offsets(len(data), batch_size, length, generator)
+    starts = random_offsets(len(data), batch_size, length, generator)[rows]
     return data[starts[:, None] + torch.arange(length)].long()
 
 

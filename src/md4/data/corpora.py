@@ -9,6 +9,7 @@ from md4.data.corpus import Corpus, load_text_file
 from md4.data.shakespeare import load_shakespeare
 from md4.data.text8 import FILE_NAMES as TEXT8_FILE_NAMES
 from md4.data.text8 import load_text8
+from md4.data.tokens import is_prepared, load_prepared
 from md4.errors import UserError
 
 # name -> loader(*, min_length) -> Corpus
@@ -19,7 +20,8 @@ CORPORA: dict[str, Callable[..., Corpus]] = {
 
 
 def load_corpus(name_or_path: str, *, min_length: int = 2) -> Corpus:
-    """A registered corpus by name, else a file: `text8` / `text8.zip` are read as text8 (raw,
+    """A registered corpus by name, else a folder prepared by `md4 data prepare` (GPT-2 BPE token
+    shards, memory-mapped), else a file: `text8` / `text8.zip` are read as text8 (raw,
     standard split), any other file as UTF-8 text normalized text8-style and split 90/5/5.
     Every split has at least min_length characters (pass the sequence length + 1)."""
     if name_or_path in CORPORA:
@@ -29,6 +31,8 @@ def load_corpus(name_or_path: str, *, min_length: int = 2) -> Corpus:
         raise UserError(
             f"Unknown corpus {name_or_path!r}: it is neither one of {', '.join(CORPORA)} nor an existing file."
         )
+    if is_prepared(path):  # a folder written by `md4 data prepare`
+        return load_prepared(path, min_length=min_length)
     if path.name in TEXT8_FILE_NAMES:
         return load_text8(path, min_length=min_length)
     return load_text_file(path, min_length=min_length)

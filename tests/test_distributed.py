@@ -1,0 +1,223 @@
+"""Tests for md4.distributed on CPU with the gloo backend and 2 processes under torchrun:
+one step's loss and gradients equal one process's on the same global batch (DDP and FSDP2),
+whole runs match one process, and a 2-process run killed with SIGKILL resumes exactly."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from md4 import checkpoint
+from md4.config import load_config
+from md4.data import random_crops
+from md4.distributed import chunk_seed
+from md4.errors import UserError
+from md4.train import train
+
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
+sys.path.insert(0, str(TESTS))
+import dist_step_worker as worker  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+
+def env() -> dict:
+    e = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+         "PYTHONUNBUFFERED": "1"}
+    e.pop("MD4_DATA", None)
+    return e
+
+
+def torchrun(*args: str, **kw) -> subprocess.Popen:
+    """2 processes on this machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> None:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def train_args(run: Path, sets: list[str]) -> list[str]:
+    args = ["-m", "md4", "train", "--config", "tiny", "--out", str(run), "--quiet"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def metrics(run: Path) -> list[dict]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def assert_close_runs(a: Path, b: Path) -> None:
+    """Same steps logged, losses, gradient norms and valid bpc equal up to float rounding (which AdamW
+    amplifies a little over the steps), and close weights."""
+    ma, mb = metrics(a), metrics(b)
+    assert [sorted(r) for r in ma] == [sorted(r) for r in mb] and [r["step"] for r in ma] == [r["step"] for r in mb]
+    for ra, rb in zip(ma, mb):
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=2e-3, abs=1e-5), (ra["step"], k)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-2, atol=1e-4)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert metrics(a) == metrics(b)
+    assert (a / "model" / "model.safetensors").read_bytes() == (b / "model" / "model.safetensors").read_bytes()
+
+
+# ---- one step: 2 ranks == 1 process on the same global batch -----------------------------------------
+
+
+def test_one_step_loss_and_gradients_equal_one_process(tmp_path):
+    """DDP and FSDP2 (2 ranks, 2 micro-batches each, dropout on): the global-batch loss, the gradient norm and
+    every gradient equal those of one process computing the 4 chunks by hand (md4.distributed.chunk_seed)."""
+    finish(torchrun(str(TESTS / "dist_step_worker.py"), str(tmp_path)))
+    torch.use_deterministic_algorithms(True)
+    model = worker.build().train()
+    x0 = random_crops(worker.data(), worker.B, worker.N, torch.Generator().manual_seed(1))
+    losses = []
+    for k, xk in enumerate(x0.split(worker.MICRO)):
+        s = chunk_seed(worker.SEED, worker.STEP, k)
+        torch.manual_seed(s + 1)
+        losses.append(model.diffusion.loss(model.net, xk, generator=torch.Generator().manual_seed(s)) / worker.N)
+    ref = torch.stack(losses).mean()
+    ref.backward()
+    ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    for mode in ("ddp", "fsdp"):
+        r = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
+        assert r["world"] == 2
+        assert r["loss"].item() == pytest.approx(ref.item(), rel=1e-6)
+        assert r["gnorm"].item() == pytest.approx(ref_norm.item(), rel=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=f"{mode}: {name}")
+    assert len(losses) == 4 and len({round(v.item(), 6) for v in losses}) == 4  # four distinct chunks
+
+
+# ---- whole runs under torchrun -------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """pid's children, grandchildren, ... (Linux /proc); torchrun starts its workers in sessions of their own."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker at once, as a crashed node would be."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate(timeout=60)
+
+
+def logged_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [0]
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass
+    return max(steps)
+
+
+@pytest.mark.slow
+def test_ddp_run_matches_one_process_and_resumes_exactly_after_sigkill(tmp_path, corpus):
+    """`torchrun -m md4 train` with DDP: (1) uninterrupted, it logs the losses and ends with the weights of one
+    process with the same micro-batch; (2) killed with SIGKILL (every process of the job) twice mid-run and
+    restarted on the same folder, it ends bit-identical to the uninterrupted 2-process run."""
+    sets = [f"data.corpus={corpus}", "train.steps=36", "train.batch_size=8", "train.micro_batch=2",
+            "train.log_every=1", "train.eval_every=20", "train.ckpt_every=4", "model.dropout=0.1"]
+    ref, killed, single = tmp_path / "ref", tmp_path / "killed", tmp_path / "single"
+    finish(torchrun(*train_args(ref, sets)))
+    resumed_from = []
+    for target in (8, 20):
+        found = checkpoint.checkpoints(killed)
+        resumed_from.append(int(found[-1].name.split("_")[1]) if found else 0)
+        proc = torchrun(*train_args(killed, sets))
+        end = time.time() + 120
+        while logged_step(killed) < target and proc.poll() is None and time.time() < end:
+            time.sleep(0.005)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        kill_job(proc)
+        assert not (killed / "model").exists()
+    resumed_from.append(int(checkpoint.checkpoints(killed)[-1].name.split("_")[1]))
+    finish(torchrun(*train_args(killed, sets)))
+    assert resumed_from[0] == 0 and 0 < resumed_from[1] < resumed_from[2] < 36, resumed_from
+    assert_same_run(ref, killed)
+    assert [r["step"] for r in metrics(killed) if "loss_bpc" in r] == list(range(1, 37))
+
+    train(load_config("tiny", sets), single, progress=False)  # one process, 4 micro-batches per step
+    assert_close_runs(ref, single)
+
+
+@pytest.mark.slow
+def test_fsdp_run_matches_one_process_and_resumes(tmp_path, corpus):
+    """FSDP2 under torchrun: the same run as one process; its checkpoints (full state dicts gathered to rank 0)
+    load back into a sharded model, and resuming from one gives the uninterrupted run bit for bit."""
+    sets = [f"data.corpus={corpus}", "train.steps=12", "train.batch_size=8", "train.micro_batch=4",
+            "train.parallel=fsdp", "train.log_every=1", "train.eval_every=6", "train.ckpt_every=4", "train.keep=0"]
+    run, resumed, single = tmp_path / "fsdp", tmp_path / "resumed", tmp_path / "single"
+    finish(torchrun(*train_args(run, sets)))
+    train(load_config("tiny", sets), single, progress=False)
+    assert_close_runs(run, single)
+
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
+    shutil.copy(run / "metrics.jsonl", resumed / "metrics.jsonl")
+    finish(torchrun(*train_args(resumed, sets)))
+    assert_same_run(run, resumed)
+
+    # an FSDP checkpoint (AdamW state keyed by parameter name) cannot be resumed by one process
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step_00000004", other / "checkpoints" / "step_00000004")
+    with pytest.raises(UserError, match="saved by FSDP"):
+        train(load_config("tiny", sets), other, progress=False)
+
+
+# ---- configuration errors ------------------------------------------------------------------------------
+
+
+def test_micro_batch_must_divide_the_batch(tmp_path, corpus):
+    cfg = load_config("tiny", [f"data.corpus={corpus}", "train.batch_size=8", "train.micro_batch=3"])
+    with pytest.raises(UserError, match="micro_batch"):
+        train(cfg, tmp_path / "run", progress=False)
+    cfg = load_config("tiny", [f"data.corpus={corpus}", "train.parallel=zero3"])
+    with pytest.raises(UserError, match="train.parallel"):
+        train(cfg, tmp_path / "run", progress=False)

@@ -33,20 +33,26 @@ def evaluate_model(model, split: str = "valid", data: str | None = None, mc_samp
     """Evaluate a loaded model on a split of its corpus (or of `data`): a summary dict."""
     from md4.data import eval_chunks, load_corpus
     from md4.evaluate import sequence_nelbo, summarize
+    from md4.pretrained import check_labels
 
     corpus = load_corpus(data or model.config.data.corpus, min_length=model.length)
     chunks = eval_chunks(corpus.split(split), model.length)
+    labels = check_labels(corpus, split, model.config.model.num_classes)  # conditional models: -log p(x | y)
     if limit > 0:
         chunks = chunks[:limit]
+        labels = labels[:limit] if labels is not None else None
     nelbo = sequence_nelbo(model.diffusion, model.net, chunks, mc_samples=mc_samples, batch_size=batch_size,
-                           timesteps=timesteps, seed=seed, device=model.device, progress=progress)
+                           timesteps=timesteps, seed=seed, device=model.device, progress=progress, labels=labels)
+    image = getattr(corpus.tokenizer, "name", "") == "image"  # bits per token = bits per dimension
     return {"model": str(model.source), "corpus": corpus.name, "split": split, "mc_samples": mc_samples,
-            "timesteps": timesteps, **summarize(nelbo, model.length)}
+            "timesteps": timesteps, "unit": "bits/dim" if image else "bits/token",
+            "class_conditional": labels is not None, **summarize(nelbo, model.length)}
 
 
 def format_eval(r: dict) -> str:
     bound = "continuous time" if not r["timesteps"] else f"T={r['timesteps']}"
-    return (f"{r['corpus']} {r['split']}: {r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f} bits/token "
+    unit = r.get("unit", "bits/token") + (" given the class" if r.get("class_conditional") else "")
+    return (f"{r['corpus']} {r['split']}: {r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f} {unit} "
             f"(perplexity {r['perplexity']:.3f}; NELBO {bound}, {r['sequences']} sequences of {r['length']}, "
             f"{r['mc_samples']} draw(s) of t each)")
 
@@ -73,14 +79,75 @@ def cmd_sample(args) -> None:
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}.")
     model = md4.load(args.path, device=args.device)
+    labels = parse_label(args.label, args.num, model.num_classes)
+    if getattr(model.tokenizer, "name", "") == "image":
+        return sample_images(model, args, labels)
+    if args.out or args.trace or args.inpaint:
+        raise UserError("--out, --trace and --inpaint write pictures and need an image model.")
     t0 = time.time()
-    x = model.sample(args.num, steps=args.steps, grid=args.grid, length=args.length, seed=args.seed, progress=True)
+    x = model.sample(args.num, steps=args.steps, grid=args.grid, length=args.length, seed=args.seed, progress=True,
+                     labels=labels, guidance=args.guidance)
     texts = model.decode(x)
     if args.json:
         print(json.dumps({"samples": texts, "seconds": time.time() - t0}))
     else:
         for i, s in enumerate(texts):
             print(f"--- sample {i} ---\n{s}")
+
+
+def parse_label(label: str | None, num: int, num_classes: int):
+    """--label K (every sample class K), --label all (classes 0, 1, ... in turn) or None."""
+    import torch
+
+    if label is None:
+        return None
+    if not num_classes:
+        raise UserError("This model is not class-conditional; --label needs a model trained with model.num_classes > 0.")
+    if label == "all":
+        return torch.arange(num) % num_classes
+    if not label.isdigit() or int(label) >= num_classes:
+        raise UserError(f"--label must be a class number in 0..{num_classes - 1} or 'all', got {label!r}.")
+    return torch.full((num,), int(label))
+
+
+def sample_images(model, args, labels) -> None:
+    """`md4 sample` for an image model: a PNG grid (--out), the reveal process (--trace) and
+    inpainting of test images (--inpaint, --region)."""
+    from md4 import pictures
+    from md4.data import load_corpus
+    from md4.pretrained import check_labels
+
+    t0 = time.time()
+    report = {}
+    if args.inpaint:
+        corpus = load_corpus(model.config.data.corpus)
+        test = torch_rows(corpus.test, args.num, args.seed)
+        y = check_labels(corpus, "test", model.num_classes)
+        y = y[test[1]] if y is not None else None
+        r = pictures.inpaint(model, test[0], args.inpaint, args.region, labels=y, guidance_weight=args.guidance,
+                             steps=args.steps, grid=args.grid, seed=args.seed)
+        report["inpaint"] = str(r["inpaint"])
+    if args.out or args.trace or not args.inpaint:
+        r = pictures.sample_grid(model, args.num, args.out or "samples.png", steps=args.steps, grid=args.grid,
+                                 labels=labels, guidance_weight=args.guidance, seed=args.seed, trace=args.trace)
+        report["grid"] = str(r["grid"])
+        if args.trace:
+            report["trace"] = str(r["trace"])
+    report["seconds"] = round(time.time() - t0, 2)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k}: {v}")
+
+
+def torch_rows(data, num: int, seed: int):
+    """`num` rows of a 2-D split picked at random with `seed`: (rows [num, N] long, indices [num])."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data), generator=g)[:num]
+    return torch.as_tensor(data)[idx].long(), idx
 
 
 def cmd_demo(args) -> None:
@@ -137,6 +204,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="number of time steps T (default: the config's)")
     s.add_argument("--grid", choices=["cosine", "uniform"], default=None)
     s.add_argument("--length", type=int, default=None)
+    s.add_argument("--label", default=None, help="class-conditional models: a class number, or 'all' to cycle")
+    s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (0 = none)")
+    s.add_argument("--out", default=None, help="image models: PNG grid of samples (default samples.png)")
+    s.add_argument("--trace", default=None, help="image models: PNG strip of pixels being revealed, one row per sample")
+    s.add_argument("--inpaint", default=None, help="image models: PNG of test images, masked inputs and completions")
+    s.add_argument("--region", default="center", help="region to inpaint: center, top, bottom, left, right")
     s.set_defaults(fn=cmd_sample)
 
     d = sub.add_parser("demo", help="train the demo model on the embedded corpus, evaluate it and sample")

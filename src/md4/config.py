@@ -40,6 +40,8 @@ class ModelConfig:
     time_cond: bool = False  # adaLN-zero conditioning on t; off = time-independent network
     cond_dim: int = 128
     dropout: float = 0.0
+    num_classes: int = 0  # > 0: class-conditional (label embedding in the adaLN path); data must have labels
+    pos2d: bool = False  # images: learned row/column/channel embeddings added to the tokens
 
     def __post_init__(self):
         _check_positive(self, "model", ("dim", "layers", "heads"))
@@ -76,6 +78,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep: int = 2  # checkpoints kept
     max_minutes: float = 0.0  # stop early after this much training time (0 = no limit)
+    label_dropout: float = 0.1  # class-conditional models: P(label -> null label), for classifier-free guidance
 
     def __post_init__(self):
         _check_positive(self, "train", ("batch_size", "log_every", "eval_every", "eval_batches", "ckpt_every"))

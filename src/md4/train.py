@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 from md4 import checkpoint
 from md4.config import Config
-from md4.data import eval_chunks, load_corpus, random_crops
+from md4.data import draw_batch, eval_chunks, load_corpus
 from md4.errors import UserError
 from md4.evaluate import sequence_nelbo, summarize
-from md4.pretrained import Bundle, build, model_metadata, resolve_device
+from md4.guidance import drop_labels, with_labels
+from md4.pretrained import Bundle, build, check_labels, model_metadata, resolve_device
 
 
 def lr_at(step: int, cfg) -> float:
@@ -118,6 +119,10 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     data_gen = torch.Generator().manual_seed(tc.seed + 1)  # training crops (on CPU)
     noise_gen = torch.Generator(device).manual_seed(tc.seed + 2)  # diffusion times and masks
     valid = eval_chunks(corpus.valid, N)[: tc.eval_batches * tc.batch_size]
+    num_classes = cfg.model.num_classes  # > 0: class-conditional, trained with label dropout
+    check_labels(corpus, "train", num_classes)
+    valid_labels = check_labels(corpus, "valid", num_classes)
+    valid_labels = valid_labels[: len(valid)] if valid_labels is not None else None
 
     step, st = 0, {}
     found = checkpoint.checkpoints(run_dir)
@@ -152,7 +157,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
 
     def validate(step: int) -> float:
         nelbo = sequence_nelbo(ema_diffusion, ema_net, valid, batch_size=tc.batch_size, seed=tc.seed, device=device,
-                               autocast_dtype=torch.bfloat16 if bf16 else None)
+                               autocast_dtype=torch.bfloat16 if bf16 else None, labels=valid_labels)
         bpc = summarize(nelbo, N)["bits_per_token"]
         metrics.log(step, valid_bpc=bpc)
         return bpc
@@ -170,9 +175,11 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
         lr = lr_at(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
-        x0 = random_crops(corpus.train, tc.batch_size, N, data_gen).to(device, non_blocking=True)
+        x0, y = draw_batch(corpus, tc.batch_size, N, data_gen)  # random crops (text) or rows (images)
+        x0 = x0.to(device, non_blocking=True)
+        y = drop_labels(y, tc.label_dropout, num_classes, data_gen).to(device) if num_classes else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion.loss(net, x0, generator=noise_gen) / N  # nats per token: O(1) gradients
+            loss = diffusion.loss(with_labels(net, y), x0, generator=noise_gen) / N  # nats per token: O(1) gradients
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         opt.step()
@@ -209,7 +216,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> Path:
     bar.close()
     metrics.close()
     model_dir = run_dir / "model"
-    checkpoint.save_model(model_dir, model_metadata(cfg, V), ema.state_dict())
+    checkpoint.save_model(model_dir, model_metadata(cfg, V, getattr(corpus.tokenizer, "name", "char"),
+                                                    getattr(corpus.tokenizer, "args", dict)()), ema.state_dict())
     plot_curves(run_dir)
     return model_dir
 

@@ -115,31 +115,34 @@ def write_idx(path: str | Path, array: np.ndarray, compress: bool | None = None)
 
 
 # ----------------------------------------------------------------------------- CIFAR-10 pickles
-def _numpy_reconstruct():
+def _numpy_builder(name: str):
+    """numpy's own array-rebuilding function `name` (_reconstruct or _frombuffer)."""
     try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+        from numpy._core import multiarray, numeric  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
+        from numpy.core import multiarray, numeric
+    return getattr(multiarray if name == "_reconstruct" else numeric, name)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
     """Builds only containers, strings, numbers and numpy arrays; refuses every other global.
 
     Containers and scalars need no globals at all; a numpy array is rebuilt through
-    numpy's `_reconstruct(ndarray, shape, dtype)` + `__setstate__`, and a Python 3 pickle of
-    protocol 2 encodes bytes with `_codecs.encode`. Those are the only names allowed."""
+    numpy's `_reconstruct(ndarray, shape, dtype)` + `__setstate__` (protocols <= 4) or
+    `_frombuffer(bytes, dtype, shape, order)` (protocol 5), and a Python 3 pickle of protocol 2
+    encodes bytes with `_codecs.encode`. Those are the only names allowed."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-        if name == "_reconstruct":
-            return _numpy_reconstruct()
+        if name in ("_reconstruct", "_frombuffer"):
+            return _numpy_builder(name)
         if module == "_codecs":
             import codecs
 

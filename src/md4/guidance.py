@@ -29,10 +29,11 @@ def drop_labels(labels: torch.Tensor, p: float, null_label: int, generator=None)
 
 
 def with_labels(net, labels: torch.Tensor | None):
-    """denoiser(x_t, t) = net(x_t, t, labels=labels); the network itself when labels is None."""
+    """denoiser(x_t, t, ...) = net(x_t, t, ..., labels=labels); the network itself when labels is
+    None. Any call signature passes through, so methods that call the network differently work too."""
     if labels is None:
         return net
-    return lambda xt, t: net(xt, t, labels=labels.to(xt.device))
+    return lambda *args, **kwargs: net(*args, labels=labels, **kwargs)
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:

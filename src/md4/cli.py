@@ -38,6 +38,7 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
     from md4.data import eval_chunks, load_corpus
     from md4.data.zeroshot import ZERO_SHOT, load_zero_shot
     from md4.evaluate import sequence_nelbo, summarize
+    from md4.pretrained import check_labels
 
     if data in ZERO_SHOT:
         if split not in (None, "test"):
@@ -46,17 +47,21 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
     else:
         corpus, split = load_corpus(data or model.config.data.corpus, min_length=model.length), split or "valid"
     chunks = eval_chunks(corpus.split(split), model.length)
+    labels = check_labels(corpus, split, model.config.model.num_classes)  # conditional models: -log p(x | y)
     if limit > 0:
         chunks = chunks[:limit]
+        labels = labels[:limit] if labels is not None else None
     exact = getattr(model.diffusion, "exact_likelihood", False)
     if timesteps and getattr(model.diffusion, "continuous_time_only", False):
         raise UserError(f"A {model.config.method} model has a continuous-time bound only; leave --timesteps at 0.")
     if exact:
         mc_samples, timesteps = 1, 0  # the likelihood is exact: one pass, no time
     nelbo = sequence_nelbo(model.diffusion, model.net, chunks, mc_samples=mc_samples, batch_size=batch_size,
-                           timesteps=timesteps, seed=seed, device=model.device, progress=progress)
+                           timesteps=timesteps, seed=seed, device=model.device, progress=progress, labels=labels)
+    image = getattr(corpus.tokenizer, "name", "") == "image"  # bits per token = bits per dimension
     return {"model": str(model.source), "method": model.config.method, "corpus": corpus.name, "split": split,
             "mc_samples": mc_samples, "timesteps": timesteps, "bound": bound_name(timesteps, exact),
+            "unit": "bits/dim" if image else "bits/token", "class_conditional": labels is not None,
             **summarize(nelbo, model.length)}
 
 
@@ -67,7 +72,8 @@ def bound_name(timesteps: int, exact: bool = False) -> str:
 def format_eval(r: dict) -> str:
     bound = r.get("bound") or bound_name(r["timesteps"])
     what = "NLL exact" if bound == "exact" else f"NELBO {bound}"
-    return (f"{r['corpus']} {r['split']}: {r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f} bits/token "
+    unit = r.get("unit", "bits/token") + (" given the class" if r.get("class_conditional") else "")
+    return (f"{r['corpus']} {r['split']}: {r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f} {unit} "
             f"(perplexity {r['perplexity']:.3f}; {what}, {r['sequences']} sequences of {r['length']}, "
             f"{r['mc_samples']} draw(s) of t each)")
 
@@ -111,6 +117,11 @@ def cmd_sample(args) -> None:
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}.")
     model = md4.load(args.path, device=args.device)
+    labels = parse_label(args.label, args.num, model.num_classes)
+    if getattr(model.tokenizer, "name", "") == "image":
+        return sample_images(model, args, labels)
+    if args.out or args.inpaint:
+        raise UserError("--out and --inpaint write pictures and need an image model.")
     kwargs, recorder = sampling_options(args, model)
     judge = quality = None
     if args.judge:  # loaded first: a bad judge fails before the sampling time is spent
@@ -119,7 +130,7 @@ def cmd_sample(args) -> None:
         judge = Judge.load(args.judge, device=args.device)
     t0 = time.time()
     x = model.sample(args.num, steps=args.steps, grid=args.grid, length=args.length, seed=args.seed, progress=True,
-                     **kwargs)
+                     labels=labels, guidance=args.guidance, **kwargs)
     texts = model.decode(x)
     if recorder is not None:
         from md4.trace import render
@@ -233,6 +244,61 @@ def sampling_options(args, model) -> tuple[dict, object]:
         check_path(args.trace)
         recorder = kwargs["callback"] = Recorder(0)
     return kwargs, recorder
+
+
+def parse_label(label: str | None, num: int, num_classes: int):
+    """--label K (every sample class K), --label all (classes 0, 1, ... in turn) or None."""
+    import torch
+
+    if label is None:
+        return None
+    if not num_classes:
+        raise UserError("This model is not class-conditional; --label needs a model trained with model.num_classes > 0.")
+    if label == "all":
+        return torch.arange(num) % num_classes
+    if not label.isdigit() or int(label) >= num_classes:
+        raise UserError(f"--label must be a class number in 0..{num_classes - 1} or 'all', got {label!r}.")
+    return torch.full((num,), int(label))
+
+
+def sample_images(model, args, labels) -> None:
+    """`md4 sample` for an image model: a PNG grid (--out), the reveal process (--trace) and
+    inpainting of test images (--inpaint, --region)."""
+    from md4 import pictures
+    from md4.data import load_corpus
+    from md4.pretrained import check_labels
+
+    t0 = time.time()
+    report = {}
+    if args.inpaint:
+        corpus = load_corpus(model.config.data.corpus)
+        test = torch_rows(corpus.test, args.num, args.seed)
+        y = check_labels(corpus, "test", model.num_classes)
+        y = y[test[1]] if y is not None else None
+        r = pictures.inpaint(model, test[0], args.inpaint, args.region, labels=y, guidance_weight=args.guidance,
+                             steps=args.steps, grid=args.grid, seed=args.seed)
+        report["inpaint"] = str(r["inpaint"])
+    if args.out or args.trace or not args.inpaint:
+        r = pictures.sample_grid(model, args.num, args.out or "samples.png", steps=args.steps, grid=args.grid,
+                                 labels=labels, guidance_weight=args.guidance, seed=args.seed, trace=args.trace)
+        report["grid"] = str(r["grid"])
+        if args.trace:
+            report["trace"] = str(r["trace"])
+    report["seconds"] = round(time.time() - t0, 2)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k}: {v}")
+
+
+def torch_rows(data, num: int, seed: int):
+    """`num` rows of a 2-D split picked at random with `seed`: (rows [num, N] long, indices [num])."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data), generator=g)[:num]
+    return torch.as_tensor(data)[idx].long(), idx
 
 
 def cmd_demo(args) -> None:
@@ -354,9 +420,15 @@ def parser() -> argparse.ArgumentParser:
                    help="semi-autoregressive: after the first window, BLOCK new tokens per window (any --length)")
     s.add_argument("--prompt", help="text the samples start with")
     s.add_argument("--infill", help='text with "_" at the positions to generate, e.g. "the ____ sat on the ____"')
-    s.add_argument("--trace", metavar="PATH", help="draw sample 0's generation step by step (.html, .png, .gif)")
+    s.add_argument("--trace", metavar="PATH", help="draw sample 0's generation step by step (.html, .png, .gif); "
+                                                   "image models: a PNG strip of pixels being revealed")
     s.add_argument("--judge", help="score the samples: generative perplexity under this causal LM "
                                    "(transformers id or folder, a .gguf file, or smollm2)")
+    s.add_argument("--label", default=None, help="class-conditional models: a class number, or 'all' to cycle")
+    s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (0 = none)")
+    s.add_argument("--out", default=None, help="image models: PNG grid of samples (default samples.png)")
+    s.add_argument("--inpaint", default=None, help="image models: PNG of test images, masked inputs and completions")
+    s.add_argument("--region", default="center", help="region to inpaint: center, top, bottom, left, right")
     s.set_defaults(fn=cmd_sample)
 
     i = sub.add_parser("inspect", help="a GenMD4 model's learned schedule: tokens that unmask first and last, PNG")

@@ -52,6 +52,8 @@ class ModelConfig:
     time_cond: bool = False  # adaLN-zero conditioning on t; off = time-independent network
     cond_dim: int = 128
     dropout: float = 0.0
+    num_classes: int = 0  # > 0: class-conditional (label embedding in the adaLN path); data must have labels
+    pos2d: bool = False  # images: learned row/column/channel embeddings added to the tokens
 
     def __post_init__(self):
         _check_positive(self, "model", ("dim", "layers", "heads", "cond_dim"))
@@ -97,6 +99,7 @@ class TrainConfig:
     # the method's own parameters (GenMD4's schedule exponents): lr = schedule_lr_scale * lr
     schedule_lr_scale: float = 1.0
     schedule_weight_decay: float = 0.0  # GenMD4: decays log w, i.e. pulls w towards 1 (linear)
+    label_dropout: float = 0.1  # class-conditional models: P(label -> null label), for classifier-free guidance
 
     def __post_init__(self):
         _check_positive(self, "train", ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "ckpt_every"))
@@ -107,6 +110,7 @@ class TrainConfig:
             _check_range(self, "train", name, 0, 1, high_open=name == "ema")
         for name in ("beta1", "beta2"):
             _check_range(self, "train", name, 0, 1, high_open=True)
+        _check_range(self, "train", "label_dropout", 0, 1)
 
 
 @dataclass

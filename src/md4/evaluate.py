@@ -17,20 +17,25 @@ from tqdm.auto import tqdm
 @torch.no_grad()
 def sequence_nelbo(diffusion, denoiser, chunks: torch.Tensor, mc_samples: int = 1, batch_size: int = 32,
                    timesteps: int = 0, seed: int = 0, device=None, progress: bool = False,
-                   autocast_dtype=None) -> torch.Tensor:
-    """Per-sequence NELBO in nats, averaged over `mc_samples` stratified draws of t: [M] float64."""
+                   autocast_dtype=None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence NELBO in nats, averaged over `mc_samples` stratified draws of t: [M] float64.
+    labels [M] long: class labels for a class-conditional network (its NELBO of x given y)."""
+    from md4.guidance import with_labels
+
     device = torch.device(device or "cpu")
     g = torch.Generator(device).manual_seed(seed)
     out = []
     bar = tqdm(total=len(chunks) * mc_samples, desc="evaluating", unit="seq", disable=not progress, leave=False)
-    for x0 in chunks.split(batch_size):
+    label_batches = labels.split(batch_size) if labels is not None else [None] * len(chunks.split(batch_size))
+    for x0, y in zip(chunks.split(batch_size), label_batches):
         x0 = x0.to(device)
+        net = with_labels(denoiser, None if y is None else y.to(device))
         u = torch.rand(len(x0), generator=g, device=device)
         total = torch.zeros(len(x0), dtype=torch.float64, device=device)
         for k in range(mc_samples):
             t = torch.remainder(u + k / mc_samples, 1.0)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                total += diffusion.nelbo(denoiser, x0, timesteps=timesteps, generator=g, t=t).double()
+                total += diffusion.nelbo(net, x0, timesteps=timesteps, generator=g, t=t).double()
             bar.update(len(x0))
         out.append((total / mc_samples).cpu())
     bar.close()

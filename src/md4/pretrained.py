@@ -18,8 +18,9 @@ from torch import nn
 from md4 import checkpoint
 from md4.ar import AR
 from md4.config import Config, from_dict
-from md4.data import CharTokenizer
+from md4.data import CharTokenizer, ImageTokenizer, split_labels
 from md4.data.bpe import GPT2Tokenizer
+from md4.data.images import is_image_corpus, tokenizer_for
 from md4.diffusion import MD4
 from md4.errors import UserError
 from md4.genmd4 import GenMD4
@@ -34,7 +35,8 @@ from md4.sedd import SEDD
 # Baselines (issue 4): "ar" (causal, exact likelihood) and "sedd" (score entropy, absorbing);
 # D3PM-absorb is "md4" evaluated with --timesteps 1000.
 METHODS = {"md4": MD4, "genmd4": GenMD4, "ar": AR, "sedd": SEDD}
-TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer}
+# built with config.json's "tokenizer_args" where the tokenizer takes any
+TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "image": ImageTokenizer}
 
 
 class Bundle(nn.Module):
@@ -76,9 +78,17 @@ def build(cfg: Config, vocab_size: int) -> tuple[MD4, Transformer]:
     m = cfg.model
     if m.dim % m.heads:
         raise UserError(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads}).")
+    image = {}
+    if m.num_classes:
+        image["num_classes"] = m.num_classes
+    if m.pos2d:
+        if not is_image_corpus(cfg.data.corpus):
+            raise UserError(f"model.pos2d needs an image dataset, but data.corpus is {cfg.data.corpus!r}.")
+        image["image_shape"] = tokenizer_for(cfg.data.corpus).shape
     net = Transformer(vocab_size, dim=m.dim, layers=m.layers, heads=m.heads, mlp_ratio=m.mlp_ratio,
                       glu=m.glu, time_cond=m.time_cond, cond_dim=m.cond_dim, dropout=m.dropout,
-                      max_len=max(cfg.data.length, 1024), **({"causal": True} if getattr(cls, "causal", False) else {}))
+                      max_len=max(cfg.data.length, 1024), **image,
+                      **({"causal": True} if getattr(cls, "causal", False) else {}))
     return diffusion, net
 
 
@@ -105,11 +115,34 @@ class Pretrained:
         self.diffusion.to(device)
         return self
 
+    @property
+    def num_classes(self) -> int:
+        """> 0 for a class-conditional model (labels 0..num_classes-1; num_classes = unconditional)."""
+        return self.config.model.num_classes
+
+    def denoiser(self, labels=None, guidance: float = 0.0):
+        """The network as denoiser(x_t, t): for class `labels` ([num] long, or an int for all;
+        None = unconditional) with classifier-free guidance weight `guidance` (0 = none)."""
+        from md4.guidance import conditioned
+
+        if labels is None:
+            if guidance:
+                raise UserError("Guidance needs a class label (--label).")
+            return self.net
+        if not self.num_classes:
+            raise UserError("This model is not class-conditional; it takes no label.")
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise UserError(f"Class labels must lie in 0..{self.num_classes - 1}.")
+        return conditioned(self.net, labels, guidance)
+
     def sample(self, num: int, steps: int | None = None, grid: str | None = None, length: int | None = None,
-               seed: int = 0, progress: bool = False, **kwargs) -> torch.Tensor:
+               seed: int = 0, progress: bool = False, labels=None, guidance: float = 0.0,
+               **kwargs) -> torch.Tensor:
         """[num, length] long samples; kwargs go to md4.sampling.sample (sampler, known / known_mask,
         temperature, top_k, top_p, block, callback, ...). With `block`, a sequence of any length is
-        generated in windows of the training length."""
+        generated in windows of the training length. `labels` (int or [num]) and `guidance` for
+        class-conditional models (classifier-free guidance)."""
         limit = self.net.rope_cos.shape[0]
         known = kwargs.get("known")
         length = length or (known.shape[-1] if known is not None else self.length)
@@ -118,8 +151,11 @@ class Pretrained:
         elif length > limit:
             raise UserError(f"This model handles sequences of at most {limit} tokens, not {length}; "
                             "generate longer ones in blocks (block=...).")
+        if labels is not None and torch.as_tensor(labels).ndim == 0:
+            labels = torch.full((num,), int(labels), dtype=torch.long)
+        denoiser = self.denoiser(labels, guidance)
         g = torch.Generator(self.device).manual_seed(seed)
-        return self.diffusion.sample(self.net, num, length, steps=steps or self.config.sample.steps,
+        return self.diffusion.sample(denoiser, num, length, steps=steps or self.config.sample.steps,
                                      grid=grid or self.config.sample.grid, generator=g, device=self.device,
                                      progress=progress, **kwargs)
 
@@ -147,7 +183,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     tok_name = raw.get("tokenizer", "char")
     if tok_name not in TOKENIZERS:
         raise UserError(f"Model {folder} uses an unknown tokenizer {tok_name!r}.")
-    tokenizer = TOKENIZERS[tok_name]()
+    tokenizer = TOKENIZERS[tok_name](**raw.get("tokenizer_args", {}))
     diffusion, net = build(cfg, vocab_size or tokenizer.vocab_size)
     weights = checkpoint.read_weights(folder / "model.safetensors")
     checkpoint.load_into(Bundle(diffusion, net), weights, folder)
@@ -156,6 +192,24 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     return Pretrained(cfg, diffusion, net, tokenizer, folder).to(resolve_device(device))
 
 
-def model_metadata(cfg: Config, vocab_size: int, tokenizer: str = "char") -> dict:
+def model_metadata(cfg: Config, vocab_size: int, tokenizer: str = "char", tokenizer_args: dict | None = None) -> dict:
     """What config.json holds: the config plus what is needed to rebuild the model."""
-    return {"format": "md4", "vocab_size": vocab_size, "tokenizer": tokenizer, "config": cfg.to_dict()}
+    meta = {"format": "md4", "vocab_size": vocab_size, "tokenizer": tokenizer, "config": cfg.to_dict()}
+    if tokenizer_args:
+        meta["tokenizer_args"] = tokenizer_args
+    return meta
+
+
+def check_labels(corpus, split: str, num_classes: int) -> torch.Tensor | None:
+    """The split's labels [M] long when the model is class-conditional (num_classes > 0), else
+    None; a UserError when the data has no labels or labels outside 0..num_classes-1."""
+    if not num_classes:
+        return None
+    labels = split_labels(corpus, split)
+    if labels is None:
+        raise UserError(f"model.num_classes={num_classes} asks for a class-conditional model, but corpus "
+                        f"{corpus.name!r} has no labels; set model.num_classes=0.")
+    if len(labels) and labels.max() >= num_classes:
+        raise UserError(f"Corpus {corpus.name!r} has labels up to {labels.max().item()}, but model.num_classes "
+                        f"is {num_classes}.")
+    return labels

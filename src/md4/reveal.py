@@ -19,6 +19,13 @@ from md4.errors import UserError
 from md4.truncation import NO_TRUNCATION, Truncation
 
 
+def select_rows(denoiser, rows: torch.Tensor):
+    """The denoiser for the sub-batch `rows`: per-row conditioning (class labels) follows the rows
+    when the denoiser has select_rows (md4.guidance); any other denoiser is returned as is."""
+    select = getattr(denoiser, "select_rows", None)
+    return select(rows) if callable(select) else denoiser
+
+
 def survival(model, grid: torch.Tensor) -> torch.Tensor:
     """S_j = (1 - alpha_{t(j)}) / (1 - alpha_1) on the grid: [T+1] float64, increasing to 1."""
     alpha = model.schedule.alpha(grid.double())
@@ -62,7 +69,7 @@ def jump(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *
         rows = (events[:, k] > 0).nonzero().squeeze(1)
         j = events[rows, k]
         sub = x[rows]
-        tokens = categorical(truncate(denoiser(sub, grid[j].float())), generator)
+        tokens = categorical(truncate(select_rows(denoiser, rows)(sub, grid[j].float())), generator)
         x[rows] = torch.where(step[rows] == j[:, None], tokens, sub)
         now[rows] = grid[j - 1]
         if callback is not None:
@@ -94,7 +101,7 @@ def confidence(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=N
         rows = (k > 0).nonzero().squeeze(1)
         if len(rows):
             sub, sub_masked = x[rows], masked[rows]
-            raw = denoiser(sub, grid[i].float().expand(len(rows)))
+            raw = select_rows(denoiser, rows)(sub, grid[i].float().expand(len(rows)))
             tokens = categorical(truncate(raw), generator)
             conf = torch.softmax(raw.double(), -1).gather(-1, tokens[..., None]).squeeze(-1)
             conf = torch.where(sub_masked, conf, torch.full_like(conf, -1.0))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from md4.diffusion import categorical
 from md4.errors import UserError
-from md4.reveal import confidence, jump
+from md4.reveal import confidence, jump, select_rows
 from md4.truncation import NO_TRUNCATION, Truncation
 
 
@@ -67,8 +67,9 @@ def _default_device(denoiser, device):
 
 
 def ignores_time(denoiser) -> bool:
-    """Whether the denoiser is known to ignore t: an md4.nn.Transformer built with time_cond=False."""
-    return getattr(denoiser, "time_cond", None) is False
+    """Whether the denoiser is known to ignore t: an md4.nn.Transformer built with time_cond=False,
+    or a wrapper of one that adds class labels or guidance (md4.guidance: its `net`)."""
+    return getattr(getattr(denoiser, "net", denoiser), "time_cond", None) is False
 
 
 def mean_step(model, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None) -> torch.Tensor:
@@ -94,7 +95,7 @@ def _walk(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator, trunc
             logits = truncate(denoiser(x, torch.full((B,), t, device=x.device)))
         elif stale.any():
             rows = stale.nonzero().squeeze(1)
-            logits[rows] = truncate(denoiser(x[rows], torch.full((len(rows),), t, device=x.device)))
+            logits[rows] = truncate(select_rows(denoiser, rows)(x[rows], torch.full((len(rows),), t, device=x.device)))
         new = step(x, logits, t, s, generator)
         stale = (new != x).any(-1)
         x = new
@@ -154,7 +155,7 @@ def fill_masks(model, denoiser, x: torch.Tensor) -> torch.Tensor:
     rows = (x == model.mask_id).any(-1).nonzero().squeeze(1)
     if len(rows):  # rare: a position that never unmasked
         sub = x[rows]
-        logits = denoiser(sub, torch.zeros(len(rows), device=x.device))
+        logits = select_rows(denoiser, rows)(sub, torch.zeros(len(rows), device=x.device))
         x = x.clone()
         x[rows] = torch.where(sub == model.mask_id, logits.argmax(-1), sub)
     return x

@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 from md4 import checkpoint, distributed
 from md4.config import Config
-from md4.data import eval_chunks, load_corpus, random_crops
+from md4.data import draw_batch, eval_chunks, load_corpus
 from md4.errors import UserError
 from md4.evaluate import sequence_nelbo, summarize
-from md4.pretrained import Bundle, build, model_metadata
+from md4.guidance import drop_labels, with_labels
+from md4.pretrained import Bundle, build, check_labels, model_metadata
 
 
 def lr_at(step: int, cfg) -> float:
@@ -148,6 +149,13 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     data_gen = torch.Generator().manual_seed(tc.seed + 1)  # training crops (on CPU)
     noise_gen = torch.Generator(device).manual_seed(tc.seed + 2)  # diffusion times and masks
     valid = eval_chunks(corpus.valid, N)[: tc.eval_batches * tc.batch_size]
+    num_classes = cfg.model.num_classes  # > 0: class-conditional, trained with label dropout
+    check_labels(corpus, "train", num_classes)
+    valid_labels = check_labels(corpus, "valid", num_classes)
+    valid_labels = valid_labels[: len(valid)] if valid_labels is not None else None
+    if accumulate and (num_classes or getattr(corpus.train, "ndim", 1) == 2):
+        raise UserError("Several processes or train.micro_batch are not supported yet for image datasets or "
+                        "class-conditional models; train them in one process with train.micro_batch=0.")
 
     step, st = 0, {}
     found = checkpoint.checkpoints(run_dir)
@@ -188,7 +196,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
 
     def validate(step: int) -> float:
         nelbo = sequence_nelbo(ema_diffusion, ema_net, valid, batch_size=tc.batch_size, seed=tc.seed, device=device,
-                               autocast_dtype=torch.bfloat16 if bf16 else None)
+                               autocast_dtype=torch.bfloat16 if bf16 else None, labels=valid_labels)
         bpc = summarize(nelbo, N)["bits_per_token"]
         metrics.log(step, valid_bpc=bpc)
         return bpc
@@ -211,12 +219,13 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
             loss = par.forward_backward(loss_module, model, corpus.train, tc.batch_size, micro, N, data_gen,
                                         tc.seed, step, device, bf16)
         else:
-            x0 = random_crops(corpus.train, tc.batch_size, N, data_gen)
+            x0, y = draw_batch(corpus, tc.batch_size, N, data_gen)  # random crops (text) or rows (images)
             if device.type == "cuda":  # a copy from pageable memory would wait for the GPU: a host sync
                 x0 = x0.pin_memory()
             x0 = x0.to(device, non_blocking=True)
+            y = drop_labels(y, tc.label_dropout, num_classes, data_gen).to(device) if num_classes else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = diffusion.loss(net, x0, generator=noise_gen) / N  # nats per token: O(1) gradients
+                loss = diffusion.loss(with_labels(net, y), x0, generator=noise_gen) / N  # nats per token
             loss.backward()
         gnorm = par.clip_grad_norm(params, tc.grad_clip)
         opt.step()
@@ -257,7 +266,9 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     model_dir = run_dir / "model"
     states = par.state_dicts(model, ema, opt) if par.mode == "fsdp" else (None, ema.state_dict(), None)
     if par.main:
-        checkpoint.save_model(model_dir, model_metadata(cfg, V, getattr(corpus.tokenizer, "name", "char")), states[1])
+        tok = corpus.tokenizer
+        checkpoint.save_model(model_dir, model_metadata(cfg, V, getattr(tok, "name", "char"),
+                                                        getattr(tok, "args", dict)()), states[1])
         plot_curves(run_dir)
     par.barrier()
     return model_dir

@@ -1,9 +1,10 @@
-"""Data: the text8 character vocabulary, corpora (text8, shakespeare, any text file), batching."""
+"""Data: the text8 character vocabulary, corpora (text8, shakespeare, any text file), image datasets, batching."""
 
-from md4.data.batches import eval_chunks, random_crops, random_offsets
+from md4.data.batches import draw_batch, eval_chunks, random_crops, random_offsets, split_labels
 from md4.data.chars import CharTokenizer, normalize_text8
 from md4.data.corpora import CORPORA, load_corpus
 from md4.data.corpus import Corpus, load_text_file, split_corpus
+from md4.data.images import IMAGE_DATASETS, ImageCorpus, ImageTokenizer, load_images
 from md4.data.shakespeare import load_shakespeare
 from md4.data.text8 import load_text8
 
@@ -11,8 +12,13 @@ __all__ = [
     "CORPORA",
     "CharTokenizer",
     "Corpus",
+    "IMAGE_DATASETS",
+    "ImageCorpus",
+    "ImageTokenizer",
+    "draw_batch",
     "eval_chunks",
     "load_corpus",
+    "load_images",
     "load_shakespeare",
     "load_text8",
     "load_text_file",
@@ -20,4 +26,5 @@ __all__ = [
     "random_crops",
     "random_offsets",
     "split_corpus",
+    "split_labels",
 ]

@@ -47,7 +47,37 @@ def random_crops(
 
 
 def eval_chunks(data: np.ndarray | torch.Tensor, length: int) -> torch.Tensor:
-    """[M, N] long: the M = len(data) // N consecutive non-overlapping chunks; the remainder is dropped."""
+    """[M, N] long: the M = len(data) // N consecutive non-overlapping chunks; the remainder is dropped.
+    2-D data (one sequence per row, e.g. images) is returned as it is."""
+    if torch.as_tensor(data).ndim == 2:
+        return _rows(data, length).long()
     data = _as_tensor(data, length)
     m = len(data) // length
     return data[: m * length].reshape(m, length).long()
+
+
+def _rows(data: np.ndarray | torch.Tensor, length: int) -> torch.Tensor:
+    data = torch.as_tensor(data)
+    if data.shape[1] != length:
+        raise UserError(f"The data has sequences of {data.shape[1]:,} tokens (one per row), but the sequence "
+                        f"length is {length:,}; set data.length={data.shape[1]}.")
+    return data
+
+
+def split_labels(corpus, which: str) -> torch.Tensor | None:
+    """[M] long labels of a split, or None for a corpus without labels (text)."""
+    labels = getattr(corpus, "labels", None)
+    y = labels(which) if callable(labels) else None
+    return None if y is None else torch.as_tensor(y).long()
+
+
+def draw_batch(corpus, batch_size: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A training batch: x0 [B, N] long and labels [B] long (or None). 1-D data (text) gives
+    random crops; 2-D data [M, N] (images, one per row) gives random rows and their labels."""
+    data = corpus.train
+    if torch.as_tensor(data).ndim == 1:
+        return random_crops(data, batch_size, length, generator), None
+    rows = torch.randint(0, len(data), (batch_size,), generator=generator)
+    x0 = _rows(data, length)[rows].long()
+    y = split_labels(corpus, "train")
+    return x0, None if y is None else y[rows]

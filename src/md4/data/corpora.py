@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from md4.data.corpus import Corpus, load_text_file
+from md4.data.images import ImageCorpus, is_image_corpus, load_images
 from md4.data.shakespeare import load_shakespeare
 from md4.data.text8 import FILE_NAMES as TEXT8_FILE_NAMES
 from md4.data.text8 import load_text8
@@ -19,11 +20,15 @@ CORPORA: dict[str, Callable[..., Corpus]] = {
 }
 
 
-def load_corpus(name_or_path: str, *, min_length: int = 2) -> Corpus:
+def load_corpus(name_or_path: str, *, min_length: int = 2) -> Corpus | ImageCorpus:
     """A registered corpus by name, else a folder prepared by `md4 data prepare` (GPT-2 BPE token
     shards, memory-mapped), else a file: `text8` / `text8.zip` are read as text8 (raw,
     standard split), any other file as UTF-8 text normalized text8-style and split 90/5/5.
-    Every split has at least min_length characters (pass the sequence length + 1)."""
+    Every split has at least min_length characters (pass the sequence length + 1).
+    Image datasets (md4.data.images: fashion-mnist, mnist, cifar10, ..., `NAME:SIZE`) give an
+    ImageCorpus: splits of 2-D token rows, one image per row, with labels."""
+    if is_image_corpus(name_or_path):
+        return load_images(name_or_path, min_length=min_length)
     if name_or_path in CORPORA:
         return CORPORA[name_or_path](min_length=min_length)
     path = Path(name_or_path).expanduser()

@@ -6,6 +6,12 @@ fused-qkv attention through `F.scaled_dot_product_attention` (no causal mask), S
 feed-forward. With `time_cond=True`, t enters through adaLN-zero (DiT, Peebles & Xie 2023):
 each block's norms are shifted/scaled and its two residual branches gated by a linear function
 of a time embedding, zero-initialised so that every block starts as the identity.
+
+Two options for images (md4.data.images): `num_classes > 0` adds a class-label embedding to the
+same conditioning vector (adaLN), with one extra "null" label (id num_classes) meaning
+unconditional, for label dropout and classifier-free guidance; `image_shape=(H, W, C)` adds
+learned row, column and channel embeddings to the tokens, so attention also knows where a
+token sits in the image (RoPE alone sees only the distance along the raster order).
 """
 
 import math
@@ -110,28 +116,51 @@ class Block(nn.Module):
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
+class PixelPositions(nn.Module):
+    """Learned row + column + channel embeddings for tokens of [H, W, C] images in raster order."""
+
+    def __init__(self, shape: tuple[int, int, int], dim: int):
+        super().__init__()
+        self.shape = tuple(int(v) for v in shape)
+        H, W, C = self.shape
+        self.row, self.col, self.channel = nn.Embedding(H, dim), nn.Embedding(W, dim), nn.Embedding(C, dim)
+
+    def forward(self, n: int) -> torch.Tensor:
+        """[n, dim] embeddings of the first n positions (n <= H * W * C)."""
+        H, W, C = self.shape
+        i = torch.arange(n, device=self.row.weight.device)
+        return self.row(i // (W * C)) + self.col(i // C % W) + self.channel(i % C)
+
+
 class Transformer(nn.Module):
     """Denoiser backbone; `time_cond=False` builds no time parameters and ignores t entirely.
     `causal=True` makes position n attend only to positions <= n (the autoregressive baseline)."""
 
     def __init__(self, vocab_size: int, dim: int = 384, layers: int = 6, heads: int = 6,
                  mlp_ratio: float = 4.0, glu: bool = True, time_cond: bool = True,
-                 cond_dim: int = 128, dropout: float = 0.0, max_len: int = 4096, causal: bool = False):
+                 cond_dim: int = 128, dropout: float = 0.0, max_len: int = 4096, causal: bool = False,
+                 num_classes: int = 0, image_shape: tuple[int, int, int] | None = None):
         super().__init__()
         assert dim % heads == 0 and (dim // heads) % 2 == 0, "head dim must be even, for RoPE"
         self.vocab_size, self.dim, self.layers, self.time_cond = vocab_size, dim, layers, time_cond
         self.causal = causal
+        self.num_classes = num_classes
+        conditioned = time_cond or num_classes > 0  # an adaLN conditioning vector exists
         # SwiGLU has three matrices: 2/3 of the hidden width keeps the parameter count (llama)
         hidden = -(-int(2 / 3 * mlp_ratio * dim) // 32) * 32 if glu else int(mlp_ratio * dim)
-        self.cond_dim = cond_dim = cond_dim if time_cond else 0
+        self.cond_dim = cond_dim = cond_dim if conditioned else 0
         self.embed = nn.Embedding(vocab_size + 1, dim)  # + 1: the mask token, id vocab_size
+        self.positions = PixelPositions(image_shape, dim) if image_shape else None
         if time_cond:
             self.time_mlp = nn.Sequential(nn.Linear(cond_dim, cond_dim), nn.SiLU(),
                                           nn.Linear(cond_dim, cond_dim), nn.SiLU())
+        if num_classes:  # + 1: the null label (unconditional), id num_classes
+            self.label_embed = nn.Embedding(num_classes + 1, cond_dim)
+        if conditioned:
             self.final_ada = nn.Linear(cond_dim, 2 * dim)
         self.blocks = nn.ModuleList(Block(dim, heads, hidden, glu, cond_dim, dropout, causal)
                                     for _ in range(layers))
-        self.norm = nn.LayerNorm(dim, elementwise_affine=not time_cond, bias=False)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=not conditioned, bias=False)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         cos, sin = rope_tables(max_len, dim // heads)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -140,7 +169,7 @@ class Transformer(nn.Module):
         for block in self.blocks:  # GPT-2: residual projections scaled down with depth
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * layers))
-        adaln = [b.ada for b in self.blocks] + [self.final_ada] if time_cond else []
+        adaln = [b.ada for b in self.blocks] + [self.final_ada] if conditioned else []
         for linear in adaln:  # adaLN-zero: no shift, unit scale, closed gates at init
             nn.init.zeros_(linear.weight)
 
@@ -151,17 +180,31 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: [B, N] long in 0..V (V is the mask id), t: [B] float in [0, 1] -> logits [B, N, V]."""
+    def condition(self, t: torch.Tensor, labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The adaLN conditioning vector [B, cond_dim]: time embedding + label embedding (labels
+        [B] long in 0..num_classes; None = the null label), or None for an unconditioned network."""
+        c = self.time_mlp(timestep_embedding(t, self.cond_dim)) if self.time_cond else None
+        if self.num_classes:
+            if labels is None:
+                labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=self.embed.weight.device)
+            e = self.label_embed(labels)
+            c = e if c is None else c + e
+        return c
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N] long in 0..V (V is the mask id), t: [B] float in [0, 1] -> logits [B, N, V].
+        labels: [B] long class ids (num_classes = unconditional), only for class-conditional networks."""
         N = x.shape[1]
         assert N <= self.rope_cos.shape[0], f"sequence length {N} exceeds max_len"
         cos, sin = self.rope_cos[:N], self.rope_sin[:N]
-        c = self.time_mlp(timestep_embedding(t, self.cond_dim)) if self.time_cond else None
+        c = self.condition(t, labels, x.shape[0])
         h = self.embed(x)
+        if self.positions is not None:
+            h = h + self.positions(N)
         for block in self.blocks:
             h = block(h, cos, sin, c)
         h = self.norm(h)
-        if self.time_cond:
+        if c is not None:
             shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
             h = modulate(h, shift, scale)
         return self.head(h)
@@ -179,7 +222,9 @@ class Transformer(nn.Module):
         which runs once per sequence, not per token.
         """
         P = self.num_params(embeddings=False)
-        if self.time_cond:
-            time_path = [self.time_mlp, self.final_ada] + [b.ada for b in self.blocks]
+        if self.cond_dim:
+            time_path = [getattr(self, "time_mlp", nn.Identity()), self.final_ada] + [b.ada for b in self.blocks]
             P -= sum(p.numel() for m in time_path for p in m.parameters())
+        for lookup in (getattr(self, "label_embed", None), self.positions):  # lookups, no FLOPs
+            P -= sum(p.numel() for p in lookup.parameters()) if lookup is not None else 0
         return 6 * P + 12 * self.layers * self.dim * seq_len

@@ -49,11 +49,17 @@ def random_crops(
 def eval_chunks(data: np.ndarray | torch.Tensor, length: int) -> torch.Tensor:
     """[M, N] long: the M = len(data) // N consecutive non-overlapping chunks; the remainder is dropped.
     2-D data (one sequence per row, e.g. images) is returned as it is."""
-    if torch.as_tensor(data).ndim == 2:
+    if is_rows(data):
         return _rows(data, length).long()
     data = _as_tensor(data, length)
     m = len(data) // length
     return data[: m * length].reshape(m, length).long()
+
+
+def is_rows(data) -> bool:
+    """Whether the data is 2-D, one sequence per row (images), rather than one token stream
+    (a 1-D array or tensor, or md4.data.tokens.TokenShards read from disk)."""
+    return getattr(data, "ndim", 1) == 2
 
 
 def _rows(data: np.ndarray | torch.Tensor, length: int) -> torch.Tensor:
@@ -75,7 +81,7 @@ def draw_batch(corpus, batch_size: int, length: int, generator: torch.Generator)
     """A training batch: x0 [B, N] long and labels [B] long (or None). 1-D data (text) gives
     random crops; 2-D data [M, N] (images, one per row) gives random rows and their labels."""
     data = corpus.train
-    if torch.as_tensor(data).ndim == 1:
+    if not is_rows(data):
         return random_crops(data, batch_size, length, generator), None
     rows = torch.randint(0, len(data), (batch_size,), generator=generator)
     x0 = _rows(data, length)[rows].long()

@@ -18,6 +18,7 @@ from md4.data import (
     random_offsets,
 )
 from md4.data import shakespeare as shakespeare_module
+from md4.data import corpus as corpus_module
 from md4.data import text8 as text8_module
 from md4.errors import UserError
 
@@ -236,7 +237,7 @@ def test_text8_downloads_atomically_when_missing(tmp_path, monkeypatch):
         urls.append(url)
         return io.BytesIO(zipped("text8", raw))
 
-    monkeypatch.setattr(text8_module, "urlopen", fake_urlopen)
+    monkeypatch.setattr(corpus_module, "urlopen", fake_urlopen)
     corpus = load_corpus("text8")
     assert urls == [text8_module.URL]
     cache = tmp_path / "cache" / "md4"
@@ -251,10 +252,10 @@ def test_text8_failed_download_leaves_nothing(tmp_path, monkeypatch):
         def read(self, *args):
             raise OSError("connection reset")
 
-    monkeypatch.setattr(text8_module, "urlopen", lambda url, timeout: Broken())
+    monkeypatch.setattr(corpus_module, "urlopen", lambda url, timeout: Broken())
     with pytest.raises(UserError, match="text8.zip"):
         load_text8()
-    monkeypatch.setattr(text8_module, "urlopen", lambda url, timeout: io.BytesIO(b"<html>not a zip</html>"))
+    monkeypatch.setattr(corpus_module, "urlopen", lambda url, timeout: io.BytesIO(b"<html>not a zip</html>"))
     with pytest.raises(UserError, match="not a zip"):
         load_text8()
     cache = tmp_path / "cache" / "md4"

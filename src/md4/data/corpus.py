@@ -7,8 +7,12 @@ how a file is read with a one-sentence error, and how ids are split and checked.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.request import urlopen
 
 import numpy as np
 
@@ -94,3 +98,22 @@ def load_text_file(path: str | Path, *, min_length: int = 2, fractions=DEFAULT_F
     tokenizer = CharTokenizer()
     ids = tokenizer.encode(normalize_bytes(read_bytes(path)))
     return split_corpus(ids, Path(path).name, fractions=fractions, min_length=min_length)
+
+
+def fetch(url: str, dest: Path, timeout: float = 60.0, check=None) -> Path:
+    """Download url to dest atomically: a temporary file in dest's folder, checked by `check(path)`
+    (which raises OSError when the content is wrong), then renamed into place. On failure nothing
+    is left at dest and the OSError (or urllib's error) propagates for the caller to explain."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    try:
+        print(f"downloading {url} to {dest}", file=sys.stderr)
+        with os.fdopen(fd, "wb") as f, urlopen(url, timeout=timeout) as response:
+            shutil.copyfileobj(response, f)
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone already after a successful rename
+    return dest

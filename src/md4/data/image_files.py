@@ -16,18 +16,13 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import pickle
-import shutil
-import sys
 import tarfile
-import tempfile
 from pathlib import Path
-from urllib.request import urlopen
 
 import numpy as np
 
-from md4.data.corpus import cache_dir, data_dirs, read_bytes
+from md4.data.corpus import cache_dir, data_dirs, fetch, read_bytes
 from md4.errors import UserError
 
 # IDX type codes (the third byte of the magic number) -> numpy dtype (big-endian).
@@ -51,18 +46,10 @@ def find_dir(subdir: str, required: tuple[str, ...]) -> Path | None:
 
 def download(url: str, dest: Path, timeout: float = 60.0) -> Path:
     """Fetch url to dest through a temporary file and a rename; a UserError when it fails."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
-        print(f"downloading {url} to {dest}", file=sys.stderr)
-        with os.fdopen(fd, "wb") as f, urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, f)
-        os.replace(tmp, dest)
+        return fetch(url, dest, timeout)
     except Exception as e:
         raise UserError(f"Could not download {url} ({e}); download it yourself and put it in {dest.parent}.") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return dest
 
 
 def fetch_dir(subdir: str, files: tuple[str, ...], base_url: str | None, what: str) -> Path:

@@ -9,16 +9,11 @@ match published numbers. `text8` or `text8.zip` is looked for in an explicit pat
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
-from urllib.request import urlopen
 
 from md4.data.chars import CharTokenizer
-from md4.data.corpus import DEFAULT_FRACTIONS, Corpus, cache_dir, data_dirs, read_bytes, split_corpus
+from md4.data.corpus import DEFAULT_FRACTIONS, Corpus, cache_dir, data_dirs, fetch, read_bytes, split_corpus
 from md4.errors import UserError
 
 URL = "http://mattmahoney.net/dc/text8.zip"
@@ -41,25 +36,20 @@ def find_text8(path: str | Path | None = None) -> Path | None:
 
 
 def download(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Fetch url to dest atomically: write a temp file in dest's folder, check it is a zip,
-    then rename. On any failure nothing is left at dest and a UserError says what to do."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    try:
-        print(f"downloading {url} to {dest}", file=sys.stderr)
-        with os.fdopen(fd, "wb") as f, urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, f)
-        if not zipfile.is_zipfile(tmp):
+    """Fetch url to dest atomically (md4.data.corpus.fetch), checking it is a zip. On any failure
+    nothing is left at dest and a UserError says what to do."""
+
+    def is_zip(path):
+        if not zipfile.is_zipfile(path):
             raise OSError("the downloaded file is not a zip archive")
-        os.replace(tmp, dest)
+
+    try:
+        return fetch(url, dest, timeout, check=is_zip)
     except Exception as e:
         places = " or ".join(str(d) for d in data_dirs())
         raise UserError(
             f"Could not download {url} ({e}); download it yourself and put text8.zip or text8 in {places}."
         ) from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # gone already after a successful rename
-    return dest
 
 
 def read_text8(path: str | Path) -> bytes:

@@ -12,18 +12,13 @@ spaces collapsed), concatenated and cut into non-overlapping sequences of the mo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.request import urlopen
 
 import numpy as np
 
 from md4.data.chars import CharTokenizer, normalize_text8
-from md4.data.corpus import Corpus, data_dirs
+from md4.data.corpus import Corpus, data_dirs, fetch
 from md4.data.detokenize import DETOKENIZERS
 from md4.errors import UserError
 
@@ -69,16 +64,7 @@ def find_local(ds: ZeroShotSet) -> Path | None:
 
 def download(url: str, dest: Path, timeout: float = 20.0) -> Path:
     """Fetch url to dest atomically (a temporary file renamed into place); raises OSError."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    try:
-        print(f"downloading {url} to {dest}", file=sys.stderr)
-        with os.fdopen(fd, "wb") as f, urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, f)
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return dest
+    return fetch(url, dest, timeout)
 
 
 def from_datasets(ds: ZeroShotSet) -> str:

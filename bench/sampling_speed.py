@@ -9,10 +9,15 @@ return exactly the `ancestral` samples (checked, column "= anc."; `jump` has the
 `ancestral` but other random draws, so "no" is expected there). "calls" counts denoiser calls
 (each on a batch), "evals/sample" the rows the network evaluated per sample (a cached call
 evaluates only the samples that changed). The unigram entropy of the samples (bits per token)
-is printed with the data's: a sampler that lost diversity shows up there. Generative perplexity
-needs a judge model (the evaluation issue); it is not computed here. "other load" is the CPU
+is printed with the data's: a sampler that lost diversity shows up there. "other load" is the CPU
 time other processes used during the row, in cores (/proc/stat): on the shared 2-core machine a
 row with other load above ~0.1 does not time this code alone.
+
+With `--judge NAME` (for example `--judge smollm2`, needs `pip install "md4[judge]"`) a second
+table scores `--judge-num` samples per (grid, T) with the judge LM: generative perplexity, the
+judge's bits per character of the decoded text and the samples' unigram entropy, plus the same
+for as many chunks of real validation text. These samples come from `jump`, which has exactly
+the law of `ancestral` on the same grid and is the fastest at large T.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ def load(args):
     if args.tiny:
         torch.manual_seed(0)
         net = Transformer(27, dim=64, layers=2, heads=2, time_cond=False, max_len=args.length).eval()
-        return md4.MD4(27, "linear"), net, None
+        return md4.MD4(27, "linear"), net, None, None
     model = md4.load(args.path)
     data = None
     try:
@@ -63,7 +68,37 @@ def load(args):
         data = load_corpus(model.config.data.corpus).split("valid")
     except md4.UserError:
         pass
-    return model.diffusion, model.net, data
+    return model.diffusion, model.net, data, model
+
+
+def judge_table(args, model, diffusion, net, data) -> list[dict]:
+    """Generative perplexity and entropy of `--judge-num` jump samples per (grid, T), and of real text."""
+    from md4.judge import Judge, generative_perplexity
+
+    judge = Judge.load(args.judge)
+    print(f"\n# judge {judge.name}: {args.judge_num} samples of length {args.length} per row (sampler jump)")
+    print("| grid | T | gen ppl | judge bits/char | entropy bits ± SE | sampling s |\n|---|---|---|---|---|---|")
+    rows = []
+
+    def row(grid, T, x, seconds):
+        r = generative_perplexity(judge, model.decode(x), ids=x.cpu())
+        r = {"grid": grid, "steps": T, "sampling_seconds": seconds, **r}
+        rows.append(r)
+        print(f"| {grid} | {T} | {r['gen_ppl']:.1f} | {r['judge_bits_per_char']:.3f} | "
+              f"{r['entropy_bits']:.3f} ± {r['entropy_bits_se']:.3f} | {seconds:.1f} |", flush=True)
+
+    for grid in args.grids:
+        for T in args.steps:
+            t0 = time.perf_counter()
+            x = sample(diffusion, net, args.judge_num, args.length, steps=T, grid=grid, sampler="jump",
+                       generator=torch.Generator().manual_seed(args.seed + 1))
+            row(grid, T, x, time.perf_counter() - t0)
+    if data is not None:
+        g = torch.Generator().manual_seed(args.seed)
+        starts = torch.randint(0, len(data) - args.length, (args.judge_num,), generator=g).tolist()
+        x = torch.stack([torch.from_numpy(data[s:s + args.length].astype("int64")) for s in starts])
+        row("real text", "-", x, 0.0)
+    return rows
 
 
 def main(argv=None):
@@ -78,13 +113,18 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--judge", help="also score samples with this judge LM (e.g. smollm2)")
+    p.add_argument("--judge-num", type=int, default=32, help="samples per (grid, T) for the judge")
+    p.add_argument("--skip-speed", action="store_true", help="only the judge table")
     args = p.parse_args(argv)
     if args.tiny:
         args.length, args.steps, args.num = 32, [16, 64], 4
     elif not args.path:
         p.error("give a run folder, or --tiny")
     torch.set_num_threads(args.threads)
-    diffusion, net, data = load(args)
+    diffusion, net, data, model = load(args)
+    if args.judge and model is None:
+        p.error("--judge needs a trained model folder")
     V = diffusion.vocab_size
     print(f"# sampling speed: length {args.length}, {args.num} samples per batch, {args.threads} threads, "
           f"torch {torch.__version__}")
@@ -93,9 +133,12 @@ def main(argv=None):
     sample(diffusion, net, 1, args.length, steps=2)  # warm-up
     rows, header = [], ("| grid | T | sampler | calls | evals/sample | s/sample | samples/s | speed-up | = anc. "
                         "| entropy bits | other load |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    print(header)
+    if not args.skip_speed:
+        print(header)
     for grid in args.grids:
         for T in args.steps:
+            if args.skip_speed:
+                break
             base = None
             for name in args.samplers:
                 counted = Counting(net)
@@ -115,9 +158,10 @@ def main(argv=None):
                 print(f"| {grid} | {T} | {name} | {r['calls']} | {r['evals_per_sample']:.1f} | "
                       f"{r['seconds_per_sample']:.3f} | {r['samples_per_second']:.2f} | {r['speedup']:.2f}x | {same} | "
                       f"{r['entropy_bits']:.3f} | {other:.2f} |", flush=True)
+    judged = judge_table(args, model, diffusion, net, data) if args.judge else []
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"speed": rows, "judge": judged} if args.judge else rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -132,14 +132,19 @@ def test_infill_keeps_known_positions_and_follows_the_conditional():
 
 
 @pytest.mark.parametrize("steps", [5, 12])
-def test_recorder_sees_every_step(steps):
+def test_batch_recorder_sees_every_change(steps):
+    """md4.trace.Recorder(index=None) keeps the whole batch at the start and after every step that
+    changed it (the image strips use it): masks only ever disappear and the last state is the sample."""
+    from md4.trace import Recorder
+
     toy = ToyDistribution.random(2, 4, seed=0)
-    rec = guidance.Recorder(toy.denoiser())
-    x = MD4(2).sample(rec, 3, 4, steps=steps, generator=torch.Generator().manual_seed(0))
-    assert len(rec.states) >= steps and (rec.states[0] == 2).all()  # starts all masked
-    masked = [int((s == 2).sum()) for s in rec.states[:steps]]
-    assert masked == sorted(masked, reverse=True)  # masks only ever disappear
-    assert (x != 2).all()
+    rec = Recorder(index=None)
+    x = MD4(2).sample(toy.denoiser(), 3, 4, steps=steps, generator=torch.Generator().manual_seed(0), callback=rec)
+    assert 2 <= len(rec.states) <= steps + 1 and all(s.shape == (3, 4) for s in rec.states)
+    assert (rec.states[0] == 2).all()  # starts all masked
+    masked = [int((s == 2).sum()) for s in rec.states]
+    assert masked == sorted(masked, reverse=True) and len(set(masked)) == len(masked)  # each state differs
+    assert torch.equal(rec.states[-1], x) and (x != 2).all()
 
 
 @pytest.mark.parametrize("weight", [0.0, 1.5])

@@ -106,19 +106,3 @@ def infill(model, denoiser, known: torch.Tensor, known_mask: torch.Tensor, steps
     return sampling.sample(model, denoiser, known.shape[0], known.shape[1], steps=steps, grid=grid,
                            generator=generator, device=known.device, known=known, known_mask=known_mask,
                            progress=progress)
-
-
-class Recorder:
-    """Wraps a denoiser and keeps a CPU copy of every x_t it is called with: `states` [calls, B, N].
-    A sampler calls the denoiser once per step, so this is the generation process step by step."""
-
-    def __init__(self, denoiser):
-        self.denoiser, self.states = denoiser, []
-
-    def parameters(self):
-        params = getattr(self.denoiser, "parameters", None)
-        return params() if callable(params) else iter(())
-
-    def __call__(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.states.append(xt.detach().cpu().clone())
-        return self.denoiser(xt, t)

@@ -20,6 +20,7 @@ import torch
 
 from md4 import guidance
 from md4.errors import UserError
+from md4.trace import Recorder
 
 MASK_COLOR = (230, 60, 60)
 PAD = 2
@@ -80,16 +81,18 @@ def sample_grid(model, num: int, path: str | Path, steps: int | None = None, gri
     tok = model.tokenizer
     if labels is not None and torch.as_tensor(labels).ndim == 0:
         labels = torch.full((num,), int(labels), dtype=torch.long)
-    denoiser = guidance.Recorder(model.denoiser(labels, guidance_weight))
+    recorder = Recorder(index=None) if trace else None
     g = torch.Generator(model.device).manual_seed(seed)
-    x = model.diffusion.sample(denoiser, num, model.length, steps=steps or model.config.sample.steps,
-                               grid=grid or model.config.sample.grid, generator=g, device=model.device,
-                               progress=progress)
+    x = model.diffusion.sample(model.denoiser(labels, guidance_weight), num, model.length,
+                               steps=steps or model.config.sample.steps, grid=grid or model.config.sample.grid,
+                               generator=g, device=model.device, progress=progress, callback=recorder)
     scale = default_scale(tok)
     cols = cols or (10 if labels is not None and num % 10 == 0 else int(np.ceil(np.sqrt(num))))
     out = {"grid": write_png(path, tile(render(x.cpu(), tok, scale), cols)), "samples": x.cpu()}
     if trace:
-        states = denoiser.states + [x.cpu()]  # the input of every step, then the result
+        states = list(recorder.states)  # all masked, then after every step that changed something
+        if not torch.equal(states[-1], x.cpu()):
+            states.append(x.cpu())  # the result
         pick = np.unique(np.linspace(0, len(states) - 1, frames).round().astype(int))
         strip = [render(states[i], tok, scale) for i in pick]  # each [num, H, W, 3]
         rows = np.stack(strip, axis=1).reshape(-1, *strip[0].shape[1:])  # sample-major: one row per sample

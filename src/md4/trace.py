@@ -22,17 +22,18 @@ FORMATS = (".html", ".png", ".gif")
 
 
 class Recorder:
-    """A sampler callback(x [B, N], t [B]) that keeps sample `index`'s state each time it changes:
-    `states` (list of [N] long, first the start) and `times` (the time t reached, floats)."""
+    """A sampler callback(x [B, N], t [B]) that keeps sample `index`'s state ([N] long) each time it
+    changes, or with index=None the whole batch's ([B, N]): `states` (one per step that changed
+    something, in order) and `times` (the time t reached, floats)."""
 
-    def __init__(self, index: int = 0):
+    def __init__(self, index: int | None = 0):
         self.index, self.states, self.times = index, [], []
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        row = x[self.index].detach().cpu()
+        row = (x if self.index is None else x[self.index]).detach().cpu()
         if not self.states or not torch.equal(row, self.states[-1]):
             self.states.append(row.clone())
-            self.times.append(float(t[self.index]))
+            self.times.append(float(t[0 if self.index is None else self.index]))
 
 
 def check_path(path) -> Path:

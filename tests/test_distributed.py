@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 
 from md4 import checkpoint
 from md4.config import load_config
-from md4.data import random_crops
+from md4.data import draw_batch, random_crops
 from md4.distributed import chunk_seed
 from md4.errors import UserError
+from md4.guidance import with_labels
 from md4.train import train
 
 TESTS = Path(__file__).resolve().parent
@@ -89,27 +90,39 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def test_one_step_loss_and_gradients_equal_one_process(tmp_path):
     """DDP and FSDP2 (2 ranks, 2 micro-batches each, dropout on): the global-batch loss, the gradient norm and
-    every gradient equal those of one process computing the 4 chunks by hand (md4.distributed.chunk_seed)."""
+    every gradient equal those of one process computing the 4 chunks by hand (md4.distributed.chunk_seed).
+    Two cases: MD4 on a token stream, and a class-conditional GenMD4 (its learnable schedule stays
+    replicated under FSDP; two draws per sequence) on labelled rows, as images, with label dropout."""
     finish(torchrun(str(TESTS / "dist_step_worker.py"), str(tmp_path)))
     torch.use_deterministic_algorithms(True)
-    model = worker.build().train()
-    x0 = random_crops(worker.data(), worker.B, worker.N, torch.Generator().manual_seed(1))
-    losses = []
-    for k, xk in enumerate(x0.split(worker.MICRO)):
-        s = chunk_seed(worker.SEED, worker.STEP, k)
-        torch.manual_seed(s + 1)
-        losses.append(model.diffusion.loss(model.net, xk, generator=torch.Generator().manual_seed(s)) / worker.N)
-    ref = torch.stack(losses).mean()
-    ref.backward()
-    ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
-    for mode in ("ddp", "fsdp"):
-        r = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
-        assert r["world"] == 2
-        assert r["loss"].item() == pytest.approx(ref.item(), rel=1e-6)
-        assert r["gnorm"].item() == pytest.approx(ref_norm.item(), rel=1e-5)
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=f"{mode}: {name}")
-    assert len(losses) == 4 and len({round(v.item(), 6) for v in losses}) == 4  # four distinct chunks
+    for suffix in ("", "_labels"):
+        if suffix:
+            model = worker.build_labelled().train()
+            x0, y = draw_batch(worker.Rows(), worker.B, worker.N, torch.Generator().manual_seed(1), labels=True,
+                               label_dropout=worker.DROPOUT, null_label=worker.CLASSES)
+            assert (y == worker.CLASSES).any() and (y < worker.CLASSES).any()  # some labels dropped, not all
+            labels = y.split(worker.MICRO)
+        else:
+            model = worker.build().train()
+            x0 = random_crops(worker.data(), worker.B, worker.N, torch.Generator().manual_seed(1))
+            labels = [None] * (worker.B // worker.MICRO)
+        losses = []
+        for k, (xk, yk) in enumerate(zip(x0.split(worker.MICRO), labels)):
+            s = chunk_seed(worker.SEED, worker.STEP, k)
+            torch.manual_seed(s + 1)
+            denoiser = with_labels(model.net, yk)
+            losses.append(model.diffusion.loss(denoiser, xk, generator=torch.Generator().manual_seed(s)) / worker.N)
+        ref = torch.stack(losses).mean()
+        ref.backward()
+        ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        for mode in ("ddp", "fsdp"):
+            r = torch.load(tmp_path / f"{mode}{suffix}.pt", weights_only=True)
+            assert r["world"] == 2
+            assert r["loss"].item() == pytest.approx(ref.item(), rel=1e-6)
+            assert r["gnorm"].item() == pytest.approx(ref_norm.item(), rel=1e-5)
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=f"{mode}{suffix}: {name}")
+        assert len(losses) == 4 and len({round(v.item(), 6) for v in losses}) == 4  # four distinct chunks
 
 
 # ---- whole runs under torchrun -------------------------------------------------------------------------

@@ -49,14 +49,17 @@ def chunk_seed(seed: int, step: int, chunk: int) -> int:
 
 class LossModule(nn.Module):
     """The training objective as a module's forward, so DDP/FSDP hooks run around it:
-    forward(x0 [b, N] long, generator) -> the method's loss (scalar, nats per sequence)."""
+    forward(x0 [b, N] long, generator, labels [b] long or None) -> the method's loss (scalar, nats
+    per sequence)."""
 
     def __init__(self, bundle: nn.Module):
         super().__init__()
         self.bundle = bundle
 
-    def forward(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.bundle.diffusion.loss(self.bundle.net, x0, generator=generator)
+    def forward(self, x0: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
+        from md4.guidance import with_labels
+
+        return self.bundle.diffusion.loss(with_labels(self.bundle.net, labels), x0, generator=generator)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -127,26 +130,30 @@ class Parallel:
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ the step
-    def forward_backward(self, loss_module, model, data, batch_size: int, micro: int, length: int, data_gen,
-                         seed: int, step: int, device, bf16: bool) -> torch.Tensor:
-        """Loss (nats per token, the global batch mean, on `device`) and gradients of one step."""
-        from md4.data import random_crops
+    def forward_backward(self, loss_module, model, corpus, batch_size: int, micro: int, length: int, data_gen,
+                         seed: int, step: int, device, bf16: bool, num_classes: int = 0,
+                         label_dropout: float = 0.0) -> torch.Tensor:
+        """Loss (nats per token, the global batch mean, on `device`) and gradients of one step.
+        num_classes > 0: a class-conditional model, trained with label dropout."""
+        from md4.data.batches import draw_batch
 
         rows = self.rows(batch_size)
-        x0 = random_crops(data, batch_size, length, data_gen, rows)
+        x0, y = draw_batch(corpus, batch_size, length, data_gen, rows, labels=num_classes > 0,
+                           label_dropout=label_dropout, null_label=num_classes)
         if device.type == "cuda":
             x0 = x0.pin_memory()
         x0 = x0.to(device, non_blocking=True)
         chunks = x0.split(micro)
+        labels = y.to(device).split(micro) if y is not None else [None] * len(chunks)
         first = rows.start // micro
         total = torch.zeros((), device=device)
-        for k, xk in enumerate(chunks):
+        for k, (xk, yk) in enumerate(zip(chunks, labels)):
             s = chunk_seed(seed, step, first + k)
             g = torch.Generator(device).manual_seed(s)
             torch.manual_seed(s + 1)  # dropout and anything else on the default generators
             with self.no_sync(loss_module, model, last=k == len(chunks) - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = loss_module(xk, g) / length * (len(xk) / (rows.stop - rows.start))
+                    loss = loss_module(xk, g, yk) / length * (len(xk) / (rows.stop - rows.start))
                 loss.backward()
             total += loss.detach()
         if self.active:

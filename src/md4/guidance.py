@@ -50,8 +50,11 @@ class Labeled:
         """The same denoiser for the sub-batch `rows` (samplers call it on rows that changed)."""
         return Labeled(self.net, self.labels[rows.to(self.labels.device)])
 
-    def __call__(self, *args, **kwargs):
-        return self.net(*args, labels=self.labels, **kwargs)
+    def __call__(self, x, *args, **kwargs):
+        labels = self.labels
+        if len(x) != len(labels) and len(labels) and len(x) % len(labels) == 0:
+            labels = labels.repeat(len(x) // len(labels))  # a method that stacks draws of the batch (GenMD4)
+        return self.net(x, *args, labels=labels, **kwargs)
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ from md4.config import Config
 from md4.data import draw_batch, eval_chunks, load_corpus
 from md4.errors import UserError
 from md4.evaluate import sequence_nelbo, summarize
-from md4.guidance import drop_labels, with_labels
+from md4.guidance import with_labels
 from md4.pretrained import Bundle, build, check_labels, model_metadata
 
 
@@ -153,9 +153,6 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     check_labels(corpus, "train", num_classes)
     valid_labels = check_labels(corpus, "valid", num_classes)
     valid_labels = valid_labels[: len(valid)] if valid_labels is not None else None
-    if accumulate and (num_classes or getattr(corpus.train, "ndim", 1) == 2):
-        raise UserError("Several processes or train.micro_batch are not supported yet for image datasets or "
-                        "class-conditional models; train them in one process with train.micro_batch=0.")
 
     step, st = 0, {}
     found = checkpoint.checkpoints(run_dir)
@@ -216,14 +213,15 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if accumulate:  # several processes or micro-batches (md4.distributed)
-            loss = par.forward_backward(loss_module, model, corpus.train, tc.batch_size, micro, N, data_gen,
-                                        tc.seed, step, device, bf16)
+            loss = par.forward_backward(loss_module, model, corpus, tc.batch_size, micro, N, data_gen,
+                                        tc.seed, step, device, bf16, num_classes, tc.label_dropout)
         else:
-            x0, y = draw_batch(corpus, tc.batch_size, N, data_gen)  # random crops (text) or rows (images)
+            x0, y = draw_batch(corpus, tc.batch_size, N, data_gen, labels=num_classes > 0,  # random crops (text)
+                               label_dropout=tc.label_dropout, null_label=num_classes)  # or rows (images)
             if device.type == "cuda":  # a copy from pageable memory would wait for the GPU: a host sync
                 x0 = x0.pin_memory()
             x0 = x0.to(device, non_blocking=True)
-            y = drop_labels(y, tc.label_dropout, num_classes, data_gen).to(device) if num_classes else None
+            y = y.to(device) if y is not None else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = diffusion.loss(with_labels(net, y), x0, generator=noise_gen) / N  # nats per token
             loss.backward()

@@ -77,13 +77,24 @@ def split_labels(corpus, which: str) -> torch.Tensor | None:
     return None if y is None else torch.as_tensor(y).long()
 
 
-def draw_batch(corpus, batch_size: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draw_batch(corpus, batch_size: int, length: int, generator: torch.Generator, rows: slice = slice(None),
+               labels: bool = False, label_dropout: float = 0.0,
+               null_label: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A training batch: x0 [B, N] long and labels [B] long (or None). 1-D data (text) gives
-    random crops; 2-D data [M, N] (images, one per row) gives random rows and their labels."""
+    random crops; 2-D data [M, N] (images, one per row) gives random rows and, with labels=True,
+    their labels, each replaced by `null_label` with probability `label_dropout`.
+
+    rows: return only these rows of the batch (a data-parallel rank's share); the random draws
+    are made for the whole batch regardless, so every rank's generator advances the same way and
+    the ranks' shares together are exactly the batch one process would draw."""
     data = corpus.train
     if not is_rows(data):
-        return random_crops(data, batch_size, length, generator), None
-    rows = torch.randint(0, len(data), (batch_size,), generator=generator)
-    x0 = _rows(data, length)[rows].long()
-    y = split_labels(corpus, "train")
-    return x0, None if y is None else y[rows]
+        return random_crops(data, batch_size, length, generator, rows), None
+    index = torch.randint(0, len(data), (batch_size,), generator=generator)
+    x0 = _rows(data, length)[index[rows]].long()
+    y = split_labels(corpus, "train") if labels else None
+    if y is None:
+        return x0, None
+    from md4.guidance import drop_labels
+
+    return x0, drop_labels(y[index], label_dropout, null_label, generator)[rows]

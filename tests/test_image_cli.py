@@ -4,6 +4,7 @@ pictures (grid, trace, inpainting), md4.load; and bits per dimension against an 
 import json
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,18 +66,23 @@ def synthetic_fashion(folder, n_train=60, n_test=12):
         files.write_idx(folder / name, a)
 
 
-@pytest.fixture
-def image_run(tmp_path, monkeypatch):
+def train_images(tmp_path, monkeypatch, *sets: str) -> Path:
+    """Train a tiny class-conditional model on synthetic Fashion-MNIST at 7x7; `sets` override the defaults."""
     monkeypatch.setattr(files, "search_dirs", lambda: [tmp_path / "data"])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     synthetic_fashion(tmp_path / "data" / "fashion-mnist")
     run = tmp_path / "run"
-    sets = ["data.corpus=fashion-mnist:7", "data.length=49", "model.dim=32", "model.layers=1", "model.heads=2",
+    base = ["data.corpus=fashion-mnist:7", "data.length=49", "model.dim=32", "model.layers=1", "model.heads=2",
             "model.cond_dim=16", "train.steps=12", "train.batch_size=8", "train.eval_every=6", "train.ckpt_every=6",
             "train.threads=1", "train.max_minutes=0", "train.ema=0.9", "sample.steps=8"]
     args = ["train", "--config", "fashion-mnist", "--out", str(run), "--quiet"]
-    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    assert main(args + [a for s in base + list(sets) for a in ("--set", s)]) == 0
     return run
+
+
+@pytest.fixture
+def image_run(tmp_path, monkeypatch):
+    return train_images(tmp_path, monkeypatch)
 
 
 def test_train_eval_sample_images(image_run, tmp_path, capsys):
@@ -125,15 +131,8 @@ def test_pictures_flag_needs_an_image_model(trained_run, tmp_path):
 def test_micro_batches_train_class_conditional_images(tmp_path, monkeypatch):
     """Gradient accumulation (the torchrun code path in one process) on labelled images; the step itself
     is compared with a hand computation in tests/test_distributed.py."""
-    monkeypatch.setattr(files, "search_dirs", lambda: [tmp_path / "data"])
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    synthetic_fashion(tmp_path / "data" / "fashion-mnist")
-    run = tmp_path / "run"
-    sets = ["data.corpus=fashion-mnist:7", "data.length=49", "model.dim=32", "model.layers=1", "model.heads=2",
-            "model.cond_dim=16", "train.steps=4", "train.batch_size=8", "train.micro_batch=4", "train.eval_every=4",
-            "train.threads=1", "train.max_minutes=0", "train.log_every=1", "method=genmd4"]
-    args = ["train", "--config", "fashion-mnist", "--out", str(run), "--quiet"]
-    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    run = train_images(tmp_path, monkeypatch, "train.steps=4", "train.micro_batch=4", "train.eval_every=4",
+                       "train.log_every=1", "method=genmd4")
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss_bpc"] for r in recs if "loss_bpc" in r]
     assert len(losses) == 4 and all(0 < v < 20 for v in losses)

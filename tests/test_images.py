@@ -240,12 +240,22 @@ def test_draw_batch_rows_and_labels():
             return np.arange(50) % 10
 
     g = torch.Generator().manual_seed(0)
-    x0, y = draw_batch(Rows(), 64, 12, g)
+    x0, y = draw_batch(Rows(), 64, 12, g, labels=True)
     assert x0.shape == (64, 12) and x0.dtype == torch.long
     assert torch.equal(x0[:, 0] % 10, y) and (x0 == x0[:, :1]).all()  # whole rows with their own labels
     assert len(set(x0[:, 0].tolist())) > 20  # random rows, not the first ones
     g2 = torch.Generator().manual_seed(0)
     assert torch.equal(draw_batch(Rows(), 64, 12, g2)[0], x0)  # reproducible from the generator
+    assert draw_batch(Rows(), 64, 12, torch.Generator().manual_seed(0))[1] is None  # labels only when asked
+    # a data-parallel rank's rows: the two halves, each drawn from the same generator state, are the
+    # batch one process draws, label dropout included
+    whole = draw_batch(Rows(), 64, 12, torch.Generator().manual_seed(3), labels=True, label_dropout=0.5, null_label=10)
+    halves = [draw_batch(Rows(), 64, 12, torch.Generator().manual_seed(3), rows, labels=True, label_dropout=0.5,
+                         null_label=10) for rows in (slice(0, 32), slice(32, 64))]
+    assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
+    assert torch.equal(torch.cat([h[1] for h in halves]), whole[1])
+    dropped = whole[1] == 10
+    assert 10 < int(dropped.sum()) < 54 and torch.equal(whole[1][~dropped], whole[0][~dropped, 0] % 10)
     assert torch.equal(eval_chunks(Rows.train, 12), torch.as_tensor(Rows.train).long())
     with pytest.raises(UserError, match="data.length=12"):
         draw_batch(Rows(), 4, 10, g)

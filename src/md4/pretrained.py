@@ -21,10 +21,12 @@ from md4.config import Config, from_dict
 from md4.data import CharTokenizer, ImageTokenizer, split_labels
 from md4.data.bpe import GPT2Tokenizer
 from md4.data.images import is_image_corpus, tokenizer_for
+from md4.data.records import RecordTokenizer
 from md4.diffusion import MD4
 from md4.errors import UserError
 from md4.genmd4 import GenMD4
 from md4.nn import Transformer
+from md4.restrict import restrict_network
 from md4.sedd import SEDD
 
 # Training methods: name -> class. A method is an nn.Module built as cls(vocab_size, schedule)
@@ -36,7 +38,7 @@ from md4.sedd import SEDD
 # D3PM-absorb is "md4" evaluated with --timesteps 1000.
 METHODS = {"md4": MD4, "genmd4": GenMD4, "ar": AR, "sedd": SEDD}
 # built with config.json's "tokenizer_args" where the tokenizer takes any
-TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "image": ImageTokenizer}
+TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "image": ImageTokenizer, "records": RecordTokenizer}
 
 
 class Bundle(nn.Module):
@@ -185,6 +187,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
         raise UserError(f"Model {folder} uses an unknown tokenizer {tok_name!r}.")
     tokenizer = TOKENIZERS[tok_name](**raw.get("tokenizer_args", {}))
     diffusion, net = build(cfg, vocab_size or tokenizer.vocab_size)
+    restrict_network(net, tokenizer)  # tables, records: impossible values get no mass (md4.restrict)
     weights = checkpoint.read_weights(folder / "model.safetensors")
     checkpoint.load_into(Bundle(diffusion, net), weights, folder)
     net.eval()

@@ -29,6 +29,7 @@ from md4.errors import UserError
 from md4.evaluate import sequence_nelbo, summarize
 from md4.guidance import with_labels
 from md4.pretrained import Bundle, build, check_labels, model_metadata
+from md4.restrict import restrict_network
 
 
 def lr_at(step: int, cfg) -> float:
@@ -139,6 +140,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     V, N = corpus.tokenizer.vocab_size, cfg.data.length
     torch.manual_seed(tc.seed)
     diffusion, net = build(cfg, V)
+    restrict_network(net, corpus.tokenizer)  # tables, records: impossible values get no mass (md4.restrict)
     model = Bundle(diffusion, net).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     ema_net, ema_diffusion = ema.net, ema.diffusion

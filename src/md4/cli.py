@@ -36,6 +36,7 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
     zero-shot set, whose test split is used): a summary dict. split=None means valid, or test
     for a zero-shot set."""
     from md4.data import eval_chunks, load_corpus
+    from md4.data.records import real_tokens, record_summary
     from md4.data.zeroshot import ZERO_SHOT, load_zero_shot
     from md4.evaluate import sequence_nelbo, summarize
     from md4.pretrained import check_labels
@@ -59,10 +60,11 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
     nelbo = sequence_nelbo(model.diffusion, model.net, chunks, mc_samples=mc_samples, batch_size=batch_size,
                            timesteps=timesteps, seed=seed, device=model.device, progress=progress, labels=labels)
     image = getattr(corpus.tokenizer, "name", "") == "image"  # bits per token = bits per dimension
+    tokens = real_tokens(corpus.tokenizer, chunks)  # records: per record and per real token, not padding
     return {"model": str(model.source), "method": model.config.method, "corpus": corpus.name, "split": split,
             "mc_samples": mc_samples, "timesteps": timesteps, "bound": bound_name(timesteps, exact),
             "unit": "bits/dim" if image else "bits/token", "class_conditional": labels is not None,
-            **summarize(nelbo, model.length)}
+            **summarize(nelbo, model.length), **(record_summary(nelbo, tokens) if tokens is not None else {})}
 
 
 def bound_name(timesteps: int, exact: bool = False) -> str:
@@ -73,9 +75,12 @@ def format_eval(r: dict) -> str:
     bound = r.get("bound") or bound_name(r["timesteps"])
     what = "NLL exact" if bound == "exact" else f"NELBO {bound}"
     unit = r.get("unit", "bits/token") + (" given the class" if r.get("class_conditional") else "")
+    records = (f"; {r['bits_per_record']:.3f} ± {r['bits_per_record_se']:.3f} bits per record (its length "
+               f"included), {r['bits_per_real_token']:.4f} ± {r['bits_per_real_token_se']:.4f} bits per real token "
+               f"(symbols and end, {r['mean_record_tokens']:.1f} per record)") if "bits_per_record" in r else ""
     return (f"{r['corpus']} {r['split']}: {r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f} {unit} "
             f"(perplexity {r['perplexity']:.3f}; {what}, {r['sequences']} sequences of {r['length']}, "
-            f"{r['mc_samples']} draw(s) of t each)")
+            f"{r['mc_samples']} draw(s) of t each){records}")
 
 
 def eval_table(results: list[dict]) -> str:
@@ -324,12 +329,23 @@ def cmd_demo(args) -> None:
 def cmd_data_prepare(args) -> None:
     from md4.data.prepare import prepare
 
+    if args.records:
+        return cmd_prepare_records(args)
     meta = prepare(args.inputs, args.out, hf=args.hf, hf_split=args.hf_split, text_field=args.text_field,
-                   valid=args.valid, test=args.test, tokenizer=args.tokenizer, workers=args.workers,
+                   valid=0.005 if args.valid is None else args.valid, test=args.test or 0.0,
+                   tokenizer=args.tokenizer, workers=args.workers,
                    piece_chars=args.piece_chars, shard_tokens=args.shard_tokens, max_documents=args.max_documents)
     sizes = ", ".join(f"{s} {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in meta["splits"].items())
     print(f"{args.out}: {meta['characters']:,} characters -> {sizes} ({meta['seconds']:.1f} s); "
           f"train with --set data.corpus={args.out}")
+
+
+def cmd_prepare_records(args) -> None:
+    from md4.data.records import describe, prepare_records
+
+    meta = prepare_records(args.inputs, args.out, field=args.field, symbols=args.symbols, max_length=args.max_length,
+                           valid=0.05 if args.valid is None else args.valid, test=0.05 if args.test is None else args.test)
+    print(f"{args.out}: {describe(meta)}; train with --set data.corpus={args.out}")
 
 
 def add_data_parser(sub) -> None:
@@ -340,13 +356,19 @@ def add_data_parser(sub) -> None:
     p.add_argument("--hf", metavar="DATASET[:CONFIG]", help="a Hugging Face dataset instead, e.g. Skylion007/openwebtext")
     p.add_argument("--hf-split", default="train")
     p.add_argument("--text-field", default="text", help="the text field of JSONL lines / dataset records")
-    p.add_argument("--valid", type=float, default=0.005, help="fraction of pieces held out for validation")
-    p.add_argument("--test", type=float, default=0.0, help="fraction of pieces held out for testing")
+    p.add_argument("--valid", type=float, default=None, help="fraction of pieces (records) held out for validation "
+                                                              "(default 0.005; records 0.05)")
+    p.add_argument("--test", type=float, default=None, help="fraction held out for testing (default 0; records 0.05)")
     p.add_argument("--tokenizer", default="gpt2")
     p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0 = all CPUs)")
     p.add_argument("--piece-chars", type=int, default=1 << 16, help="long documents are cut into pieces this long")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
     p.add_argument("--max-documents", type=int, default=0, help="stop after this many documents (0 = all)")
+    p.add_argument("--records", action="store_true", help="one record per line (.txt .smi .fasta .jsonl .csv, or "
+                   "moses), its own vocabulary; a .csv or .rda table without --field: one position per column")
+    p.add_argument("--field", help="--records: the JSONL field or CSV column of the records (a table: the R object)")
+    p.add_argument("--symbols", default="chars", choices=["chars", "words"], help="--records: symbols of a record")
+    p.add_argument("--max-length", type=int, default=0, help="--records: drop records longer than this (counted)")
     p.set_defaults(fn=cmd_data_prepare)
 
 

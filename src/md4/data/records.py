@@ -156,19 +156,21 @@ class RecordTokenizer:
     structural = True  # md4.restrict: `allowed` reads the input's structure (non-causal networks only)
 
     def allowed(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N, V] bool: what position n can hold given x [B, N] (mask id V elsewhere unknown),
-        from the structure  symbols* EOS PAD*: a symbol or EOS after n makes n a symbol; EOS or
-        PAD before n makes n PAD; an EOS elsewhere rules out EOS at n (md4.restrict)."""
-        sym_or_eos = ((x >= EOS) & (x < self.mask_id)).int()
-        ended = ((x == EOS) | (x == PAD)).int()
-        eos = (x == EOS).int()
-        after = (sym_or_eos.flip(-1).cumsum(-1).flip(-1) - sym_or_eos) > 0  # strictly after n
-        before = (ended.cumsum(-1) - ended) > 0  # strictly before n
-        eos_elsewhere = (eos.sum(-1, keepdim=True) - eos) > 0
-        out = torch.ones(*x.shape, self.vocab_size, dtype=torch.bool, device=x.device)
-        out[..., PAD] &= ~after
-        out[..., EOS] &= ~(after | before | eos_elsewhere)
-        out[..., len(SPECIALS):] &= ~before.unsqueeze(-1)
+        """[B, N, V] bool: the values position n can hold given x [B, N] (mask id V = unknown).
+
+        A row is s^L EOS PAD^(N-L-1) for some L in 0..N-1; what is unmasked bounds L to [lo, hi]
+        (a symbol at i: L > i; EOS at i: L = i; PAD at i: L < i), and position n can be a symbol
+        iff some allowed L > n, EOS iff lo <= n <= hi, PAD iff some allowed L < n (md4.restrict)."""
+        n = x.shape[-1]
+        idx = torch.arange(n, device=x.device)
+        sym, eos, pad = (x >= len(SPECIALS)) & (x < self.mask_id), x == EOS, x == PAD
+        zero, last = torch.zeros_like(x), torch.full_like(x, n - 1)
+        lo = torch.maximum(torch.where(sym, idx + 1, zero), torch.where(eos, idx, zero)).amax(-1, keepdim=True)
+        hi = torch.minimum(torch.where(eos, idx, last), torch.where(pad, idx - 1, last)).amin(-1, keepdim=True)
+        out = torch.empty(*x.shape, self.vocab_size, dtype=torch.bool, device=x.device)
+        out[..., PAD] = lo < idx
+        out[..., EOS] = (lo <= idx) & (idx <= hi)
+        out[..., len(SPECIALS):] = (hi > idx).unsqueeze(-1)
         return out
 
     def __repr__(self) -> str:
@@ -215,7 +217,7 @@ def read_fasta(path: Path, field: str | None = None) -> Iterator[tuple[int, str]
                 yield start, "".join(seq)
             start, seq = n, []
         elif start is None and line.strip():
-            raise UserError(f"Line {n} of {path} comes before any '>' header; is it a FASTA file?")
+            raise UserError(f"Line {n} of {path} comes before any '>' header, so the file is not FASTA.")
         else:
             seq.append("".join(line.split()))
     if start is not None:

@@ -13,23 +13,15 @@ import torch
 from md4.checkpoint import read_json
 from md4.cli import main
 from md4.data import load_corpus
-from md4.errors import UserError
 from md4.data.records import EOS, PAD, RecordTokenizer, read_records, record_summary, vocabulary
+from md4.errors import UserError
 from md4.restrict import NEG, restrict_logits
+from test_cli import user_error  # one sentence on stderr, exit status 2
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
     torch.set_num_threads(1)
-
-
-def user_error(capsys, argv) -> str:
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("md4: error: ") and lines[0].endswith("."), err
-    return lines[0]
 
 
 def smiles_like(n: int, seed: int = 0) -> list[str]:

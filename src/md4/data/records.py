@@ -430,7 +430,7 @@ def record_summary(nelbo: torch.Tensor, tokens: torch.Tensor) -> dict:
     delta method's sqrt(var(nelbo_i - R tokens_i) / M) / mean(tokens)."""
     m = len(nelbo)
     ratio = (nelbo.sum() / tokens.sum()).item()
-    se = lambda v: v.std().item() / math.sqrt(m) if m > 1 else float("nan")  # noqa: E731
+    se = lambda v: v.std().item() / math.sqrt(m) if m > 1 else float("nan")
     ln2 = math.log(2)
     return {"records": m, "mean_record_tokens": tokens.mean().item(),
             "nats_per_record": nelbo.mean().item(), "nats_per_record_se": se(nelbo),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from md4.diffusion import categorical
+from md4.categorical import categorical
 
 
 class AR(nn.Module):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from md4 import schedules
+from md4.categorical import categorical
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -126,14 +127,3 @@ class MD4(nn.Module):
         return sampling.sample(self, denoiser, num_samples, length, steps=steps, grid=grid,
                                generator=generator, device=device, **kwargs)
 
-
-def categorical(logits: torch.Tensor, generator=None) -> torch.Tensor:
-    """One draw per position from softmax(logits) by inverse CDF in float64: [..., V] -> [...].
-
-    float64 matters: float32 Gumbel/categorical draws truncate small probabilities and bias
-    generative perplexity (shared/MATH.md, "Sampling")."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=torch.float64)
-    idx = torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1)
-    return idx.clamp_(max=logits.shape[-1] - 1)

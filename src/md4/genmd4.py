@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from md4 import schedules
-from md4.diffusion import MD4, Denoiser, antithetic_times, categorical
+from md4.categorical import categorical
+from md4.diffusion import MD4, Denoiser, antithetic_times
 from md4.errors import UserError
 
 

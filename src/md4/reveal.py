@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from md4.diffusion import categorical
+from md4.categorical import categorical
 from md4.errors import UserError
 from md4.truncation import NO_TRUNCATION, Truncation
 

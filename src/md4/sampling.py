@@ -24,7 +24,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from md4.diffusion import categorical
+from md4.categorical import categorical
 from md4.errors import UserError
 from md4.reveal import confidence, jump, select_rows
 from md4.truncation import NO_TRUNCATION, Truncation

@@ -39,6 +39,7 @@ import math
 import torch
 
 from md4 import schedules
+from md4.categorical import inverse_cdf
 from md4.diffusion import MD4, antithetic_times
 from md4.errors import UserError
 
@@ -134,8 +135,5 @@ class SEDD(MD4):
     def reverse_step(self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float,
                      generator=None) -> torch.Tensor:
         """Draw x_s given x_t (s < t): masked positions from `reverse_probs`, others stay."""
-        probs = self.reverse_probs(log_ratio(logits), t, s)
-        cdf = probs.cumsum(-1)
-        u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=torch.float64)
-        draw = torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1).clamp_(max=self.mask_id)
+        draw = inverse_cdf(self.reverse_probs(log_ratio(logits), t, s), generator)  # V = stay masked
         return torch.where(xt == self.mask_id, draw, xt)

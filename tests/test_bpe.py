@@ -85,7 +85,7 @@ def test_bad_merges_file_is_a_user_error(tmp_path):
 
 
 def test_models_trained_on_bpe_decode_with_the_gpt2_tokenizer():
-    from md4.pretrained import TOKENIZERS
+    from md4.build import TOKENIZERS
 
     assert TOKENIZERS["gpt2"]().decode([15496, 995]) == "Hello world"
 

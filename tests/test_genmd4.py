@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 
 import md4
 from md4 import MD4, GenMD4, checkpoint
+from md4.build import Bundle, build, model_metadata
 from md4.cli import main
 from md4.config import load_config
 from md4.errors import UserError
-from md4.pretrained import build, model_metadata
 from md4.sampling import time_grid
 from md4.toy import ToyDistribution
 
@@ -417,7 +417,7 @@ def genmd4_run(tmp_path_factory, corpus):
 def test_training_learns_w_and_load_restores_it(genmd4_run):
     cfg = checkpoint.read_json(genmd4_run / "model" / "config.json")["config"]
     assert cfg["method"] == "genmd4"
-    saved = load_file(str(genmd4_run / "model" / "model.safetensors"))["diffusion.schedule.log_w"]
+    saved = load_file(str(genmd4_run / "model" / "model.safetensors"))["method.schedule.log_w"]
     m = md4.load(genmd4_run)
     assert isinstance(m.diffusion, GenMD4)
     assert torch.equal(m.diffusion.schedule.log_w.detach(), saved)
@@ -433,7 +433,7 @@ def save_genmd4_model(folder):
     w = torch.linspace(0.3, 3.0, 27)
     with torch.no_grad():
         diffusion.schedule.log_w.copy_(w.log())
-    checkpoint.save_model(folder, model_metadata(cfg, 27), md4.pretrained.Bundle(diffusion, net).state_dict())
+    checkpoint.save_model(folder, model_metadata(cfg, 27), Bundle(diffusion, net).state_dict())
     return w
 
 

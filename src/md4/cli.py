@@ -35,10 +35,9 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
     """Evaluate a loaded model on a split of its corpus (or of `data`: a corpus, a text file or a
     zero-shot set, whose test split is used): a summary dict. split=None means valid, or test
     for a zero-shot set."""
-    from md4.data import eval_chunks, load_corpus
+    from md4.data import check_labels, eval_chunks, load_corpus
     from md4.data.zeroshot import ZERO_SHOT, load_zero_shot
     from md4.evaluate import sequence_nelbo, summarize
-    from md4.pretrained import check_labels
 
     if data in ZERO_SHOT:
         if split not in (None, "test"):
@@ -51,12 +50,12 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
     if limit > 0:
         chunks = chunks[:limit]
         labels = labels[:limit] if labels is not None else None
-    exact = getattr(model.diffusion, "exact_likelihood", False)
-    if timesteps and getattr(model.diffusion, "continuous_time_only", False):
+    exact = model.method.exact_likelihood
+    if timesteps and model.method.continuous_time_only:
         raise UserError(f"A {model.config.method} model has a continuous-time bound only; leave --timesteps at 0.")
     if exact:
         mc_samples, timesteps = 1, 0  # the likelihood is exact: one pass, no time
-    nelbo = sequence_nelbo(model.diffusion, model.net, chunks, mc_samples=mc_samples, batch_size=batch_size,
+    nelbo = sequence_nelbo(model.method, model.net, chunks, mc_samples=mc_samples, batch_size=batch_size,
                            timesteps=timesteps, seed=seed, device=model.device, progress=progress, labels=labels)
     image = getattr(corpus.tokenizer, "name", "") == "image"  # bits per token = bits per dimension
     return {"model": str(model.source), "method": model.config.method, "corpus": corpus.name, "split": split,
@@ -162,7 +161,7 @@ def sample_quality(model, judge, num: int = 64, steps: int | None = None, grid: 
     x = model.sample(num, steps=steps, grid=grid, seed=seed, progress=progress)
     seconds = time.time() - t0
     r = generative_perplexity(judge, model.decode(x), ids=x.cpu(), batch_size=batch_size, progress=progress)
-    exact = getattr(model.diffusion, "exact_likelihood", False)
+    exact = model.method.exact_likelihood
     return {"model": str(model.source), "method": model.config.method,
             "steps": model.length if exact else steps or model.config.sample.steps,
             "grid": "" if exact else grid or model.config.sample.grid, "sampling_seconds": seconds, **r}
@@ -220,10 +219,8 @@ def sampling_options(args, model) -> tuple[dict, object]:
     from md4.sampling import get_sampler
     from md4.trace import Recorder, check_path
 
-    from md4.diffusion import MD4
-
     get_sampler(args.sampler)  # fail before loading anything heavy
-    if not isinstance(model.diffusion, MD4):  # e.g. the AR baseline: its own sampler, no options
+    if not model.method.reverse_process:  # e.g. the AR baseline: its own sampler, no options
         asked = [flag for flag, on in (("--sampler", args.sampler != "ancestral"), ("--temperature", args.temperature != 1),
                                        ("--top-k", args.top_k), ("--top-p", args.top_p != 1), ("--block", args.block),
                                        ("--prompt", args.prompt is not None), ("--infill", args.infill is not None),
@@ -265,8 +262,7 @@ def sample_images(model, args, labels) -> None:
     """`md4 sample` for an image model: a PNG grid (--out), the reveal process (--trace) and
     inpainting of test images (--inpaint, --region)."""
     from md4 import pictures
-    from md4.data import load_corpus
-    from md4.pretrained import check_labels
+    from md4.data import check_labels, load_corpus
 
     t0 = time.time()
     report = {}

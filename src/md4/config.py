@@ -42,8 +42,10 @@ def _check_positive(section, prefix: str, names: tuple[str, ...]) -> None:
 
 @dataclass
 class ModelConfig:
-    """The transformer backbone (md4.nn.Transformer)."""
+    """The network: `arch` names a backbone of md4.nn.BACKBONES, which reads the keys it uses.
+    The transformer's (md4.nn.Transformer) are the keys below."""
 
+    arch: str = "transformer"
     dim: int = 256
     layers: int = 4
     heads: int = 4

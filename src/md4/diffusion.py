@@ -12,10 +12,10 @@ import math
 from typing import Callable
 
 import torch
-from torch import nn
 
 from md4 import schedules
 from md4.categorical import categorical
+from md4.method import Method
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,17 +33,15 @@ def masked_cross_entropy(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tenso
     return torch.where(xt == mask_id, nll, torch.zeros_like(nll)).sum(-1)
 
 
-class MD4(nn.Module):
+class MD4(Method):
     """The MD4 forward process, negative ELBO and ancestral reverse step.
 
-    An nn.Module only so that subclasses with learnable schedules (GenMD4) save and move like
-    any other module; MD4 itself has no parameters.
+    An nn.Module (md4.method.Method) so that subclasses with learnable schedules (GenMD4) save
+    and move like any other module; MD4 itself has no parameters.
     """
 
     def __init__(self, vocab_size: int, schedule: schedules.Schedule | str = "linear"):
-        super().__init__()
-        self.vocab_size = int(vocab_size)
-        self.mask_id = self.vocab_size
+        super().__init__(vocab_size)
         self.schedule = schedules.get(schedule) if isinstance(schedule, str) else schedule
 
     # ----------------------------------------------------------------- forward process

@@ -59,7 +59,7 @@ class LossModule(nn.Module):
     def forward(self, x0: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
         from md4.guidance import with_labels
 
-        return self.bundle.diffusion.loss(with_labels(self.bundle.net, labels), x0, generator=generator)
+        return self.bundle.method.loss(with_labels(self.bundle.net, labels), x0, generator=generator)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -110,9 +110,9 @@ class Parallel:
             from torch.distributed.fsdp import fully_shard
 
             for bundle in (model, ema):
-                for block in bundle.net.blocks:
-                    fully_shard(block)
-                fully_shard(bundle.net)  # embedding, head, norms: the root group
+                for unit in bundle.net.shard_units():
+                    fully_shard(unit)
+                fully_shard(bundle.net)  # the rest (embedding, head, norms): the root group
         return loss_module
 
     def any(self, flag: bool) -> bool:
@@ -181,7 +181,7 @@ class Parallel:
         """FSDP leaves the method's own (unsharded) parameters to us: average their gradients."""
         if self.mode != "fsdp":
             return
-        for p in model.diffusion.parameters():
+        for p in model.method.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
@@ -248,7 +248,7 @@ class Parallel:
 def setup(parallel: str, device_name: str) -> Parallel:
     """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): join the process group
     (NCCL on GPUs, gloo on CPUs) and pick this rank's device. One process: mode "none"."""
-    from md4.pretrained import resolve_device
+    from md4.build import resolve_device
 
     if parallel not in MODES:
         raise UserError(f"train.parallel must be one of {', '.join(MODES)}, got {parallel!r}.")

@@ -37,7 +37,7 @@ from md4.errors import UserError
 class LearnablePoly(nn.Module, schedules.Schedule):
     """alpha_{t,i} = (1 - 2 eps)(1 - t^{w_i}) + eps for each token value i: one exponent per token.
 
-    `log_w` [V] is the nn.Parameter (saved as "diffusion.schedule.log_w"); `w` = exp(log_w).
+    `log_w` [V] is the nn.Parameter (saved as "method.schedule.log_w"); `w` = exp(log_w).
     alpha(t), dalpha(t), weight(t): t [*S] -> [*S, V] (the formulas of md4.schedules.Schedule)."""
 
     name = "learnable-poly"
@@ -88,12 +88,14 @@ class GenMD4(MD4):
     The denoiser is called with the same t the schedule is evaluated at (no time rescaling).
     """
 
+    shared_schedule = False  # alpha_t is [*t.shape, V]: the jump and confidence samplers do not apply
+
     def __init__(self, vocab_size: int, w=None):
         super().__init__(vocab_size, LearnablePoly(vocab_size, w))
 
     @classmethod
     def from_config(cls, vocab_size: int, cfg) -> GenMD4:
-        """Built by md4.pretrained.build: cfg.schedule gives the initial exponent of every token,
+        """Built by md4.build.build: cfg.schedule gives the initial exponent of every token,
         "linear" (w = 1) or "polyK" (w = K)."""
         sched = schedules.get(cfg.schedule)
         if not isinstance(sched, (schedules.Linear, schedules.Poly)):

@@ -1,4 +1,4 @@
-"""Build a model from a config, and load a trained one for evaluation and sampling.
+"""Load a trained model for evaluation and sampling (md4.build builds untrained ones).
 
     m = md4.load("runs/demo")          # a run folder, or a model folder (config.json + model.safetensors)
     x = m.sample(4, steps=256)         # [4, N] long
@@ -13,94 +13,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from md4 import checkpoint
-from md4.ar import AR
+from md4.build import TOKENIZERS, Bundle, build, resolve_device, upgrade_weights
 from md4.config import Config, from_dict
-from md4.data import CharTokenizer, ImageTokenizer, split_labels
-from md4.data.bpe import GPT2Tokenizer
-from md4.data.images import is_image_corpus, tokenizer_for
-from md4.diffusion import MD4
 from md4.errors import UserError
-from md4.genmd4 import GenMD4
-from md4.nn import Transformer
-from md4.sedd import SEDD
-
-# Training methods: name -> class. A method is an nn.Module built as cls(vocab_size, schedule)
-# with loss(net, x0, generator) (scalar, nats per sequence), nelbo(net, x0, timesteps, generator, t)
-# ([B] nats) and sample(net, num_samples, length, ...); its parameters (a learnable schedule)
-# are trained with the network and saved with it. A class attribute `causal = True` asks for a
-# causal network. A class with a classmethod from_config(vocab_size, cfg) is built by it instead.
-# Baselines (issue 4): "ar" (causal, exact likelihood) and "sedd" (score entropy, absorbing);
-# D3PM-absorb is "md4" evaluated with --timesteps 1000.
-METHODS = {"md4": MD4, "genmd4": GenMD4, "ar": AR, "sedd": SEDD}
-# built with config.json's "tokenizer_args" where the tokenizer takes any
-TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "image": ImageTokenizer}
-
-
-class Bundle(nn.Module):
-    """The method and the network as one module: what is trained, averaged (EMA) and saved.
-
-    Saved weights are keyed "net.*" and "diffusion.*" (the latter only when the method has
-    parameters or buffers, e.g. GenMD4's exponents)."""
-
-    def __init__(self, diffusion: nn.Module, net: nn.Module):
-        super().__init__()
-        self.diffusion = diffusion
-        self.net = net
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """"auto" = cuda when available, else cpu; UserError for an unknown or unavailable device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"Unknown device {name!r}; use auto, cpu or cuda.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"Device {name!r} was asked for but torch sees no CUDA GPU; use cpu or auto.")
-    return device
-
-
-def method_class(name: str):
-    if name not in METHODS:
-        raise UserError(f"Unknown method {name!r}; choose one of {', '.join(METHODS)}.")
-    return METHODS[name]
-
-
-def build(cfg: Config, vocab_size: int) -> tuple[MD4, Transformer]:
-    """(diffusion model, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens."""
-    cls = method_class(cfg.method)
-    from_config = getattr(cls, "from_config", None)
-    diffusion = from_config(vocab_size, cfg) if from_config else cls(vocab_size, cfg.schedule)
-    m = cfg.model
-    if m.dim % m.heads:
-        raise UserError(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads}).")
-    image = {}
-    if m.num_classes:
-        image["num_classes"] = m.num_classes
-    if m.pos2d:
-        if not is_image_corpus(cfg.data.corpus):
-            raise UserError(f"model.pos2d needs an image dataset, but data.corpus is {cfg.data.corpus!r}.")
-        image["image_shape"] = tokenizer_for(cfg.data.corpus).shape
-    net = Transformer(vocab_size, dim=m.dim, layers=m.layers, heads=m.heads, mlp_ratio=m.mlp_ratio,
-                      glu=m.glu, time_cond=m.time_cond, cond_dim=m.cond_dim, dropout=m.dropout,
-                      max_len=max(cfg.data.length, 1024), **image,
-                      **({"causal": True} if getattr(cls, "causal", False) else {}))
-    return diffusion, net
+from md4.method import Method
+from md4.nn import Backbone
 
 
 @dataclass
 class Pretrained:
-    """A trained model: config, diffusion process, network (in eval mode) and tokenizer."""
+    """A trained model: config, method (MD4, GenMD4, SEDD, AR), network (in eval mode) and tokenizer."""
 
     config: Config
-    diffusion: MD4
-    net: Transformer
+    method: Method
+    net: Backbone
     tokenizer: object
     source: Path
+
+    @property
+    def diffusion(self) -> Method:
+        """The method under its earlier name."""
+        return self.method
 
     @property
     def length(self) -> int:
@@ -112,7 +47,7 @@ class Pretrained:
 
     def to(self, device) -> "Pretrained":
         self.net.to(device)
-        self.diffusion.to(device)
+        self.method.to(device)
         return self
 
     @property
@@ -143,7 +78,7 @@ class Pretrained:
         temperature, top_k, top_p, block, callback, ...). With `block`, a sequence of any length is
         generated in windows of the training length. `labels` (int or [num]) and `guidance` for
         class-conditional models (classifier-free guidance)."""
-        limit = self.net.rope_cos.shape[0]
+        limit = self.net.max_length
         known = kwargs.get("known")
         length = length or (known.shape[-1] if known is not None else self.length)
         if kwargs.get("block"):
@@ -155,7 +90,7 @@ class Pretrained:
             labels = torch.full((num,), int(labels), dtype=torch.long)
         denoiser = self.denoiser(labels, guidance)
         g = torch.Generator(self.device).manual_seed(seed)
-        return self.diffusion.sample(denoiser, num, length, steps=steps or self.config.sample.steps,
+        return self.method.sample(denoiser, num, length, steps=steps or self.config.sample.steps,
                                      grid=grid or self.config.sample.grid, generator=g, device=self.device,
                                      progress=progress, **kwargs)
 
@@ -184,32 +119,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     if tok_name not in TOKENIZERS:
         raise UserError(f"Model {folder} uses an unknown tokenizer {tok_name!r}.")
     tokenizer = TOKENIZERS[tok_name](**raw.get("tokenizer_args", {}))
-    diffusion, net = build(cfg, vocab_size or tokenizer.vocab_size)
-    weights = checkpoint.read_weights(folder / "model.safetensors")
-    checkpoint.load_into(Bundle(diffusion, net), weights, folder)
+    method, net = build(cfg, vocab_size or tokenizer.vocab_size)
+    weights = upgrade_weights(checkpoint.read_weights(folder / "model.safetensors"))
+    checkpoint.load_into(Bundle(method, net), weights, folder)
     net.eval()
-    diffusion.eval()
-    return Pretrained(cfg, diffusion, net, tokenizer, folder).to(resolve_device(device))
-
-
-def model_metadata(cfg: Config, vocab_size: int, tokenizer: str = "char", tokenizer_args: dict | None = None) -> dict:
-    """What config.json holds: the config plus what is needed to rebuild the model."""
-    meta = {"format": "md4", "vocab_size": vocab_size, "tokenizer": tokenizer, "config": cfg.to_dict()}
-    if tokenizer_args:
-        meta["tokenizer_args"] = tokenizer_args
-    return meta
-
-
-def check_labels(corpus, split: str, num_classes: int) -> torch.Tensor | None:
-    """The split's labels [M] long when the model is class-conditional (num_classes > 0), else
-    None; a UserError when the data has no labels or labels outside 0..num_classes-1."""
-    if not num_classes:
-        return None
-    labels = split_labels(corpus, split)
-    if labels is None:
-        raise UserError(f"model.num_classes={num_classes} asks for a class-conditional model, but corpus "
-                        f"{corpus.name!r} has no labels; set model.num_classes=0.")
-    if len(labels) and labels.max() >= num_classes:
-        raise UserError(f"Corpus {corpus.name!r} has labels up to {labels.max().item()}, but model.num_classes "
-                        f"is {num_classes}.")
-    return labels
+    method.eval()
+    return Pretrained(cfg, method, net, tokenizer, folder).to(resolve_device(device))

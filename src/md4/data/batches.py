@@ -77,6 +77,21 @@ def split_labels(corpus, which: str) -> torch.Tensor | None:
     return None if y is None else torch.as_tensor(y).long()
 
 
+def check_labels(corpus, split: str, num_classes: int) -> torch.Tensor | None:
+    """The split's labels [M] long when the model is class-conditional (num_classes > 0), else
+    None; a UserError when the data has no labels or labels outside 0..num_classes-1."""
+    if not num_classes:
+        return None
+    labels = split_labels(corpus, split)
+    if labels is None:
+        raise UserError(f"model.num_classes={num_classes} asks for a class-conditional model, but corpus "
+                        f"{corpus.name!r} has no labels; set model.num_classes=0.")
+    if len(labels) and labels.max() >= num_classes:
+        raise UserError(f"Corpus {corpus.name!r} has labels up to {labels.max().item()}, but model.num_classes "
+                        f"is {num_classes}.")
+    return labels
+
+
 def draw_batch(corpus, batch_size: int, length: int, generator: torch.Generator, rows: slice = slice(None),
                labels: bool = False, label_dropout: float = 0.0,
                null_label: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,5 +1,22 @@
-"""Denoiser backbones: networks x_t [B, N], t [B] -> logits [B, N, V]; they know nothing of diffusion."""
+"""Denoiser backbones: networks x_t [B, N], t [B] -> logits [B, N, V]; they know nothing of diffusion.
 
+A backbone is one module here plus one entry in BACKBONES; `model.arch` in a config chooses it,
+and md4.build builds it through the protocol of md4.nn.backbone.Backbone.
+"""
+
+from __future__ import annotations
+
+from md4.errors import UserError
+from md4.nn.backbone import Backbone
 from md4.nn.transformer import Transformer
 
-__all__ = ["Transformer"]
+BACKBONES: dict[str, type[Backbone]] = {"transformer": Transformer}
+
+
+def backbone_class(arch: str) -> type[Backbone]:
+    if arch not in BACKBONES:
+        raise UserError(f"Unknown model.arch {arch!r}; choose one of {', '.join(BACKBONES)}.")
+    return BACKBONES[arch]
+
+
+__all__ = ["BACKBONES", "Backbone", "Transformer", "backbone_class"]

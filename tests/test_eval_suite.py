@@ -130,7 +130,7 @@ def data_home(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(zeroshot, "download", offline)
+    monkeypatch.setattr(zeroshot, "fetch", offline)
     monkeypatch.setattr(zeroshot, "from_datasets", lambda ds: (_ for _ in ()).throw(ImportError()))
     return tmp_path / "data"
 

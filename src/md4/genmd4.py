@@ -63,11 +63,11 @@ class LearnablePoly(nn.Module, schedules.Schedule):
         t = (t if t.is_floating_point() else t.float()).unsqueeze(-1)
         return t, self.w.to(t.dtype)
 
-    def raw(self, t):
+    def alpha_raw(self, t):
         t, w = self._t_and_w(t)
         return 1 - t**w  # torch's gradient of 0^w with respect to w is 0, not NaN
 
-    def draw(self, t):
+    def dalpha_raw(self, t):
         t, w = self._t_and_w(t)
         # finite at t = 0 for w < 1, as md4.schedules.Poly, so that no mask times the weight is 0
         return -w * t.clamp(min=torch.finfo(t.dtype).tiny) ** (w - 1)

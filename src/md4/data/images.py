@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from md4.data import image_files as files
+from md4.data.corpus import SPLITS, Splits
 from md4.errors import UserError
 
-SPLITS = ("train", "valid", "test")
 VALID_FRACTION = 0.02
 
 
@@ -78,7 +78,7 @@ class ImageTokenizer:
 
 
 @dataclass(repr=False, eq=False)
-class ImageCorpus:
+class ImageCorpus(Splits):
     """Splits of token rows [M, N] uint8 with labels [M] int64 (None when the dataset has none)."""
 
     train: np.ndarray
@@ -91,18 +91,12 @@ class ImageCorpus:
     name: str
     num_classes: int = 0
 
-    def split(self, which: str) -> np.ndarray:
-        if which not in SPLITS:
-            raise UserError(f"Unknown split {which!r}; choose one of {', '.join(SPLITS)}.")
-        return getattr(self, which)
-
     def labels(self, which: str) -> np.ndarray | None:
         self.split(which)
         return getattr(self, f"{which}_labels")
 
     def __repr__(self) -> str:
-        sizes = ", ".join(f"{s}={len(self.split(s)):,}" for s in SPLITS)
-        return f"ImageCorpus({self.name!r}, {self.tokenizer}, {sizes}, classes={self.num_classes})"
+        return f"ImageCorpus({self.name!r}, {self.tokenizer}, {self.sizes()}, classes={self.num_classes})"
 
 
 @dataclass(frozen=True)

@@ -67,24 +67,36 @@ class MD4(Method):
     ) -> torch.Tensor:
         """One-sample unbiased estimate of the negative ELBO of each sequence: [B] nats.
 
-        timesteps=0: continuous time,  L = -w(t) * sum_{n masked} -log mu^n_{x_0^n}, t ~ U(0,1).
-        timesteps=T: discrete time with t = i/T, s = (i-1)/T, i uniform in 1..T,
-                     L = T * (alpha_s - alpha_t) / (1 - alpha_t) * sum_{n masked} -log mu^n_{x_0^n}.
-        Times are antithetic across the batch unless `t` [B] is given (in [0,1); for discrete
-        time it is rounded up to the grid). The reconstruction term N (1 - alpha_0) log V is added.
-        """
+        The skeleton every masked method shares: times t [B] (antithetic across the batch unless
+        `t` is given, in [0, 1)) -> `bound_times` -> x_t ~ q(x_t | x_0) -> one denoiser call ->
+        `masked_terms` (the integrand, from the hook of each method) + `constant_terms`."""
         B, N = x0.shape
-        if t is None:
-            t = antithetic_times(B, generator, x0.device)
+        t = self.bound_times(antithetic_times(B, generator, x0.device) if t is None else t, timesteps)
+        xt = self.forward_sample(x0, t, generator)
+        return self.masked_terms(denoiser(xt, t), x0, xt, t, timesteps) + self.constant_terms(N)
+
+    def bound_times(self, t: torch.Tensor, timesteps: int = 0) -> torch.Tensor:
+        """The times [B] at which the bound is evaluated: t itself in continuous time; for
+        timesteps = T, t rounded up to the grid, i/T with i uniform in 1..T."""
+        return (torch.floor(t * timesteps) + 1) / timesteps if timesteps else t
+
+    def masked_terms(self, logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                     timesteps: int = 0) -> torch.Tensor:
+        """The NELBO of each sequence given x_t, without the constant terms: [B] nats.
+
+        timesteps=0: continuous time,  -w(t) * sum_{n masked} -log mu^n_{x_0^n}.
+        timesteps=T: discrete time with s = t - 1/T,
+                     T * (alpha_s - alpha_t) / (1 - alpha_t) * sum_{n masked} -log mu^n_{x_0^n}."""
         if timesteps:
-            t = (torch.floor(t * timesteps) + 1) / timesteps
             a_t, a_s = self.schedule.alpha(t), self.schedule.alpha(t - 1 / timesteps)
             weight = timesteps * (a_s - a_t) / (1 - a_t)
         else:
             weight = -self.schedule.weight(t)
-        xt = self.forward_sample(x0, t, generator)
-        ce = masked_cross_entropy(denoiser(xt, t), x0, xt, self.mask_id)
-        return weight * ce + self.reconstruction(N)
+        return weight * masked_cross_entropy(logits, x0, xt, self.mask_id)
+
+    def constant_terms(self, length: int) -> float:
+        """The terms of the bound that no network changes, in nats: here the reconstruction term."""
+        return self.reconstruction(length)
 
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator=None) -> torch.Tensor:
         """Training loss (scalar): the batch mean of the continuous-time NELBO, nats per sequence."""

@@ -154,20 +154,6 @@ class GenMD4(MD4):
             term = -rate_i * logp_i + spread
         return torch.where(xt == self.mask_id, term, torch.zeros_like(term)).sum(-1)
 
-    def nelbo(self, denoiser: Denoiser, x0: torch.Tensor, timesteps: int = 0, generator=None,
-              t: torch.Tensor | None = None) -> torch.Tensor:
-        """One-sample unbiased estimate of the negative ELBO of each sequence: [B] nats.
-
-        Same conventions as MD4.nelbo: antithetic times unless t [B] is given, timesteps = T > 0
-        for the discrete-time bound (t rounded up to the grid), reconstruction term added."""
-        B, N = x0.shape
-        if t is None:
-            t = antithetic_times(B, generator, x0.device)
-        if timesteps:
-            t = (torch.floor(t * timesteps) + 1) / timesteps
-        xt = self.forward_sample(x0, t, generator)
-        return self.masked_terms(denoiser(xt, t), x0, xt, t, timesteps) + self.reconstruction(N)
-
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator=None, t: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss (scalar, nats per sequence): two draws x_t^(1), x_t^(2) at the same t.
 

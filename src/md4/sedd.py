@@ -40,7 +40,7 @@ import torch
 
 from md4 import schedules
 from md4.categorical import inverse_cdf
-from md4.diffusion import MD4, antithetic_times
+from md4.diffusion import MD4
 from md4.errors import UserError
 
 
@@ -108,18 +108,21 @@ class SEDD(MD4):
         """The t = 1 term: N eps log V nats (a fraction eps of tokens is unmasked, uniform under the prior)."""
         return length * self.schedule.eps * math.log(self.vocab_size)
 
-    def nelbo(self, denoiser, x0: torch.Tensor, timesteps: int = 0, generator=None,
-              t: torch.Tensor | None = None) -> torch.Tensor:
-        """One-sample unbiased estimate of the score entropy bound of each sequence: [B] nats.
-        Times are antithetic across the batch unless `t` [B] is given. Continuous time only."""
+    # nelbo (MD4's skeleton): one-sample unbiased estimate of the score entropy bound, [B] nats
+    def bound_times(self, t: torch.Tensor, timesteps: int = 0) -> torch.Tensor:
+        """Continuous time only; t below T_MIN is evaluated at T_MIN."""
         if timesteps:
             raise UserError("SEDD's bound is in continuous time only; leave --timesteps at 0 for a SEDD model.")
-        B, N = x0.shape
-        if t is None:
-            t = antithetic_times(B, generator, x0.device)
-        t = t.clamp(min=T_MIN)
-        xt = self.forward_sample(x0, t, generator)
-        return score_entropy(log_ratio(denoiser(xt, t)), x0, xt, t, self.schedule, self.mask_id) + self.prior(N)
+        return t.clamp(min=T_MIN)
+
+    def masked_terms(self, logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                     timesteps: int = 0) -> torch.Tensor:
+        """The score entropy integrand at t: [B] nats (`score_entropy` of the network's output)."""
+        return score_entropy(log_ratio(logits), x0, xt, t, self.schedule, self.mask_id)
+
+    def constant_terms(self, length: int) -> float:
+        """The prior term at t = 1 (nothing is masked at t = 0: no reconstruction term)."""
+        return self.prior(length)
 
     def reverse_probs(self, logits: torch.Tensor, t: float, s: float) -> torch.Tensor:
         """Tweedie tau-leaping step for a masked position: [..., V + 1] float64 probabilities of

@@ -122,9 +122,11 @@ class SampleConfig:
     num: int = 4
 
     def __post_init__(self):
+        from md4.sampling import GRIDS
+
         _check_positive(self, "sample", ("steps", "num"))
-        if self.grid not in ("cosine", "uniform"):
-            raise UserError(f"Config key sample.grid must be cosine or uniform, got {self.grid!r}.")
+        if self.grid not in GRIDS:
+            raise UserError(f"Config key sample.grid must be one of {', '.join(GRIDS)}, got {self.grid!r}.")
 
 
 @dataclass

@@ -4,7 +4,8 @@
     torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --nproc-per-node 8 -m md4 train ...
 
 Without torchrun's environment (WORLD_SIZE unset or 1) `setup` returns a single-process
-`Parallel` and md4.train runs exactly as before.
+`Parallel`; md4.train takes the same step (`Parallel.forward_backward`) either way, and a single
+process with the whole batch in one chunk draws times and masks from the run's own generator.
 
 The global batch (train.batch_size rows) is the unit of randomness, so W ranks compute what one
 process would:
@@ -132,25 +133,31 @@ class Parallel:
     # ------------------------------------------------------------------ the step
     def forward_backward(self, loss_module, model, corpus, batch_size: int, micro: int, length: int, data_gen,
                          seed: int, step: int, device, bf16: bool, num_classes: int = 0,
-                         label_dropout: float = 0.0) -> torch.Tensor:
-        """Loss (nats per token, the global batch mean, on `device`) and gradients of one step.
-        num_classes > 0: a class-conditional model, trained with label dropout."""
+                         label_dropout: float = 0.0, noise: torch.Generator | None = None) -> torch.Tensor:
+        """The training step, for one process or many: loss (nats per token, the global batch mean,
+        on `device`) and gradients. num_classes > 0: a class-conditional model, trained with label
+        dropout. `noise`: the run's generator of diffusion times and masks, used when one process
+        takes the whole batch at once; otherwise each chunk draws from its own seed (module docstring)."""
         from md4.data.batches import draw_batch
 
         rows = self.rows(batch_size)
         x0, y = draw_batch(corpus, batch_size, length, data_gen, rows, labels=num_classes > 0,
                            label_dropout=label_dropout, null_label=num_classes)
-        if device.type == "cuda":
+        if device.type == "cuda":  # a copy from pageable memory would wait for the GPU: a host sync
             x0 = x0.pin_memory()
         x0 = x0.to(device, non_blocking=True)
         chunks = x0.split(micro)
         labels = y.to(device).split(micro) if y is not None else [None] * len(chunks)
         first = rows.start // micro
         total = torch.zeros((), device=device)
+        one_chunk = noise is not None and not self.active and len(chunks) == 1
         for k, (xk, yk) in enumerate(zip(chunks, labels)):
-            s = chunk_seed(seed, step, first + k)
-            g = torch.Generator(device).manual_seed(s)
-            torch.manual_seed(s + 1)  # dropout and anything else on the default generators
+            if one_chunk:
+                g = noise
+            else:
+                s = chunk_seed(seed, step, first + k)
+                g = torch.Generator(device).manual_seed(s)
+                torch.manual_seed(s + 1)  # dropout and anything else on the default generators
             with self.no_sync(loss_module, model, last=k == len(chunks) - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = loss_module(xk, g, yk) / length * (len(xk) / (rows.stop - rows.start))

@@ -25,10 +25,9 @@ from tqdm.auto import tqdm
 from md4 import checkpoint, distributed
 from md4.config import Config
 from md4.build import Bundle, build, model_metadata, upgrade_optimizer, upgrade_weights
-from md4.data import check_labels, draw_batch, eval_chunks, load_corpus
+from md4.data import check_labels, eval_chunks, load_corpus
 from md4.errors import UserError
 from md4.evaluate import sequence_nelbo, summarize
-from md4.guidance import with_labels
 
 
 def lr_at(step: int, cfg) -> float:
@@ -126,7 +125,6 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     tc = cfg.train
     device = par.device
     micro = par.check_batch(tc.batch_size, tc.micro_batch)
-    accumulate = par.active or micro < tc.batch_size  # else the plain single-process step below
     if par.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     bf16 = use_bf16(tc.bf16, device)
@@ -212,19 +210,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
         lr = lr_at(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        if accumulate:  # several processes or micro-batches (md4.distributed)
-            loss = par.forward_backward(loss_module, model, corpus, tc.batch_size, micro, N, data_gen,
-                                        tc.seed, step, device, bf16, num_classes, tc.label_dropout)
-        else:
-            x0, y = draw_batch(corpus, tc.batch_size, N, data_gen, labels=num_classes > 0,  # random crops (text)
-                               label_dropout=tc.label_dropout, null_label=num_classes)  # or rows (images)
-            if device.type == "cuda":  # a copy from pageable memory would wait for the GPU: a host sync
-                x0 = x0.pin_memory()
-            x0 = x0.to(device, non_blocking=True)
-            y = y.to(device) if y is not None else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = method.loss(with_labels(net, y), x0, generator=noise_gen) / N  # nats per token
-            loss.backward()
+        loss = par.forward_backward(loss_module, model, corpus, tc.batch_size, micro, N, data_gen, tc.seed, step,
+                                    device, bf16, num_classes, tc.label_dropout, noise=noise_gen)  # nats per token
         gnorm = par.clip_grad_norm(params, tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -156,7 +156,7 @@ def test_memory_mapped_windows_stay_inside_shards(tmp_path):
 def test_train_eval_sample_on_a_prepared_folder(tmp_path):
     """A prepared folder is a corpus: train a few steps, evaluate, sample, decode GPT-2 text."""
     import md4
-    from md4.cli import evaluate_model
+    from md4.evaluate import evaluate_model
     from md4.config import load_config
     from md4.train import train
 

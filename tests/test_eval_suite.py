@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import md4
-from md4.cli import eval_table, main
-from md4.data import CharTokenizer, eval_chunks, load_corpus, normalize_text8
-from md4.data import detokenize
-from md4.data import zeroshot
+from md4.cli import main
+from md4.data import CharTokenizer, detokenize, eval_chunks, load_corpus, normalize_text8, zeroshot
+from md4.evaluate import eval_table
 
 
 @pytest.fixture(autouse=True)

@@ -29,67 +29,9 @@ def cmd_train(args) -> None:
         print(f"model saved to {model_dir}")
 
 
-def evaluate_model(model, split: str | None = "valid", data: str | None = None, mc_samples: int = 1,
-                   timesteps: int = 0, batch_size: int = 32, limit: int = 0, seed: int = 0,
-                   progress: bool = True) -> dict:
-    """Evaluate a loaded model on a split of its corpus (or of `data`: a corpus, a text file or a
-    zero-shot set, whose test split is used): a summary dict. split=None means valid, or test
-    for a zero-shot set."""
-    from md4.data import check_labels, eval_chunks, load_corpus
-    from md4.data.zeroshot import ZERO_SHOT, load_zero_shot
-    from md4.evaluate import sequence_nelbo, summarize
-
-    if data in ZERO_SHOT:
-        if split not in (None, "test"):
-            raise UserError(f"Zero-shot sets are evaluated on their test split only; drop --split {split}.")
-        corpus, split = load_zero_shot(data, min_length=model.length), "test"
-    else:
-        corpus, split = load_corpus(data or model.config.data.corpus, min_length=model.length), split or "valid"
-    chunks = eval_chunks(corpus.split(split), model.length)
-    labels = check_labels(corpus, split, model.config.model.num_classes)  # conditional models: -log p(x | y)
-    if limit > 0:
-        chunks = chunks[:limit]
-        labels = labels[:limit] if labels is not None else None
-    exact = model.method.exact_likelihood
-    if timesteps and model.method.continuous_time_only:
-        raise UserError(f"A {model.config.method} model has a continuous-time bound only; leave --timesteps at 0.")
-    if exact:
-        mc_samples, timesteps = 1, 0  # the likelihood is exact: one pass, no time
-    nelbo = sequence_nelbo(model.method, model.net, chunks, mc_samples=mc_samples, batch_size=batch_size,
-                           timesteps=timesteps, seed=seed, device=model.device, progress=progress, labels=labels)
-    image = getattr(corpus.tokenizer, "name", "") == "image"  # bits per token = bits per dimension
-    return {"model": str(model.source), "method": model.config.method, "corpus": corpus.name, "split": split,
-            "mc_samples": mc_samples, "timesteps": timesteps, "bound": bound_name(timesteps, exact),
-            "unit": "bits/dim" if image else "bits/token", "class_conditional": labels is not None,
-            **summarize(nelbo, model.length)}
-
-
-def bound_name(timesteps: int, exact: bool = False) -> str:
-    return "exact" if exact else "continuous time" if not timesteps else f"T={timesteps}"
-
-
-def format_eval(r: dict) -> str:
-    bound = r.get("bound") or bound_name(r["timesteps"])
-    what = "NLL exact" if bound == "exact" else f"NELBO {bound}"
-    unit = r.get("unit", "bits/token") + (" given the class" if r.get("class_conditional") else "")
-    return (f"{r['corpus']} {r['split']}: {r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f} {unit} "
-            f"(perplexity {r['perplexity']:.3f}; {what}, {r['sequences']} sequences of {r['length']}, "
-            f"{r['mc_samples']} draw(s) of t each)")
-
-
-def eval_table(results: list[dict]) -> str:
-    """One markdown row per evaluation: model, method, corpus, split, bits/token ± SE, ppl, #seqs, K, bound."""
-    lines = ["| model | method | corpus | split | bits/token ± SE | ppl | #seqs | K | bound |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['model']} | {r.get('method', '')} | {r['corpus']} | {r['split']} | "
-                     f"{r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f} | {r['perplexity']:.3f} | "
-                     f"{r['sequences']} | {r['mc_samples']} | {r.get('bound') or bound_name(r['timesteps'])} |")
-    return "\n".join(lines)
-
-
 def cmd_eval(args) -> None:
     import md4
+    from md4.evaluate import eval_table, evaluate_model, format_eval
 
     _torch_threads(args.threads)
     for mc, name in ((args.mc_samples, "--mc-samples"), (args.batch_size, "--batch-size")):
@@ -152,49 +94,9 @@ def cmd_sample(args) -> None:
                   f"({quality['judge_tokens']} judge tokens); unigram entropy {quality['entropy_bits']:.3f} bits")
 
 
-def sample_quality(model, judge, num: int = 64, steps: int | None = None, grid: str | None = None, seed: int = 0,
-                   batch_size: int = 16, progress: bool = True) -> dict:
-    """Draw `num` samples from a loaded model and score them with a loaded md4.judge.Judge."""
-    from md4.judge import generative_perplexity
-
-    t0 = time.time()
-    x = model.sample(num, steps=steps, grid=grid, seed=seed, progress=progress)
-    seconds = time.time() - t0
-    r = generative_perplexity(judge, model.decode(x), ids=x.cpu(), batch_size=batch_size, progress=progress)
-    exact = model.method.exact_likelihood
-    return {"model": str(model.source), "method": model.config.method,
-            "steps": model.length if exact else steps or model.config.sample.steps,
-            "grid": "" if exact else grid or model.config.sample.grid, "sampling_seconds": seconds, **r}
-
-
-def reference_quality(model, judge, num: int = 64, batch_size: int = 16, seed: int = 0) -> dict:
-    """The same statistics for `num` random chunks of the model's test split (real text)."""
-    import torch
-
-    from md4.data import eval_chunks, load_corpus
-    from md4.judge import generative_perplexity
-
-    chunks = eval_chunks(load_corpus(model.config.data.corpus, min_length=model.length).test, model.length)
-    x = chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))[:num]]
-    r = generative_perplexity(judge, model.decode(x), ids=x, batch_size=batch_size)
-    return {"model": f"data ({model.config.data.corpus} test)", "method": "-", "steps": 0, "grid": "",
-            "sampling_seconds": 0.0, **r}
-
-
-def quality_table(results: list[dict]) -> str:
-    judges = sorted({r["judge"] for r in results})
-    lines = [f"judge: {', '.join(judges)}", "",
-             "| model | method | steps | #samples | gen ppl | judge bits/char | unigram entropy (bits) ± SE | sampling s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['model']} | {r['method']} | {r['steps'] or '-'} | {r['samples']} | {r['gen_ppl']:.2f} | "
-                     f"{r['judge_bits_per_char']:.3f} | "
-                     f"{r['entropy_bits']:.3f} ± {r['entropy_bits_se']:.3f} | {r['sampling_seconds']:.1f} |")
-    return "\n".join(lines)
-
-
 def cmd_genppl(args) -> None:
     import md4
+    from md4.evaluate import quality_table, reference_quality, sample_quality
     from md4.judge import Judge
 
     _torch_threads(args.threads)
@@ -300,6 +202,7 @@ def torch_rows(data, num: int, seed: int):
 def cmd_demo(args) -> None:
     import md4
     from md4.config import load_config
+    from md4.evaluate import evaluate_model, format_eval
     from md4.train import train
 
     t0 = time.time()

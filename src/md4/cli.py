@@ -310,8 +310,8 @@ def sample_images(model, args, labels) -> None:
         test = torch_rows(corpus.test, args.num, args.seed)
         y = check_labels(corpus, "test", model.num_classes)
         y = y[test[1]] if y is not None else None
-        r = pictures.inpaint(model, test[0], args.inpaint, args.region or "center", labels=y, guidance_weight=args.guidance,
-                             steps=args.steps, grid=args.grid, seed=args.seed)
+        r = pictures.inpaint(model, test[0], args.inpaint, args.region or "center", labels=y,
+                             guidance_weight=args.guidance, steps=args.steps, grid=args.grid, seed=args.seed)
         report["inpaint"] = str(r["inpaint"])
     if args.out or args.trace or not args.inpaint:
         r = pictures.sample_grid(model, args.num, args.out or "samples.png", steps=args.steps, grid=args.grid,
@@ -341,6 +341,7 @@ def cmd_demo(args) -> None:
     from md4.config import load_config
     from md4.train import train
 
+    check_counts(args, samples=1, eval_sequences=0)  # before the training time is spent
     t0 = time.time()
     cfg = load_config("demo", args.set)
     print(f"md4 demo: training MD4 on the {cfg.data.corpus} corpus ({cfg.train.steps} steps), run folder {args.out}")

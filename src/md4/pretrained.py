@@ -232,10 +232,12 @@ def read_model_config(folder: Path) -> tuple[Config, object]:
     cls = TOKENIZERS[one_of(raw.get("tokenizer", "char"), TOKENIZERS, "tokenizer", path)]
     args = field(raw, "tokenizer_args", dict, path, default={})
     known_keys(args, cls.ARGS, "tokenizer_args", path)
-    tokenizer = cls(**{k: field(args, k, int, path, lo, hi, prefix="tokenizer_args.") for k, (lo, hi) in cls.ARGS.items()})
+    tokenizer = cls(**{k: field(args, k, int, path, lo, hi, prefix="tokenizer_args.")
+                       for k, (lo, hi) in cls.ARGS.items()})
     vocab_size = field(raw, "vocab_size", int, path, lo=1, default=tokenizer.vocab_size)
     if vocab_size != tokenizer.vocab_size:
-        raise fail("vocab_size", path, f"is {vocab_size}, but the {tokenizer.name} tokenizer has {tokenizer.vocab_size}")
+        raise fail("vocab_size", path, f"is {vocab_size}, but the {tokenizer.name} tokenizer has "
+                   f"{tokenizer.vocab_size}")
     if tokenizer.length not in (None, cfg.data.length):
         raise fail("config.data.length", path, f"is {cfg.data.length}, but tokenizer_args make sequences of "
                    f"{tokenizer.length}")

@@ -39,9 +39,9 @@ def describe(typ: type, lo=None, hi=None) -> str:
     if lo is not None and hi is not None:
         return f"{kind} in {lo}..{hi}" if typ is int else f"{kind} in [{lo:g}, {hi:g}]"
     if lo is not None:
-        return f"{kind} >= {lo:g}"
+        return f"at least {lo:g} ({kind})"
     if hi is not None:
-        return f"{kind} <= {hi:g}"
+        return f"at most {hi:g} ({kind})"
     return kind
 
 

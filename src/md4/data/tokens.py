@@ -63,7 +63,8 @@ class TokenShards:
         idx = index.numpy().astype(np.int64)
         which = np.searchsorted(ends, idx, side="right")
         starts = idx - (ends[which] - per_shard[which])
-        rows = [self.checked(s, np.asarray(self.shard(s)[o : o + length], dtype=np.int64)) for s, o in zip(which, starts)]
+        rows = [self.checked(s, np.asarray(self.shard(s)[o : o + length], dtype=np.int64))
+                for s, o in zip(which, starts)]
         return torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, length, dtype=torch.long)
 
     def checked(self, i: int, ids: np.ndarray) -> np.ndarray:

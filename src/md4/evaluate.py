@@ -54,5 +54,5 @@ def summarize(nelbo: torch.Tensor, length: int) -> dict:
         "nats_per_sequence": mean,
         "bits_per_token": mean / per_tok,
         "bits_per_token_se": se / per_tok,
-        "perplexity": math.exp(mean / length),
+        "perplexity": math.exp(mean / length) if mean / length < 709.78 else math.inf,  # beyond: a float overflows
     }

@@ -40,7 +40,7 @@ def main(argv=None) -> None:
         model = md4.load(name)
         chunks = eval_chunks(load_corpus(model.config.data.corpus, min_length=model.length).split(args.split), model.length)
         t0 = time.time()
-        per_seq[name] = sequence_nelbo(model.diffusion, model.net, chunks, mc_samples=args.mc_samples,
+        per_seq[name] = sequence_nelbo(model.method, model.net, chunks, mc_samples=args.mc_samples,
                                        seed=args.seed, progress=not args.json)
         out[name] = {**summarize(per_seq[name], model.length), "method": model.config.method,
                      "seconds": round(time.time() - t0, 1)}

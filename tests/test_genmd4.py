@@ -419,8 +419,8 @@ def test_training_learns_w_and_load_restores_it(genmd4_run):
     assert cfg["method"] == "genmd4"
     saved = load_file(str(genmd4_run / "model" / "model.safetensors"))["method.schedule.log_w"]
     m = md4.load(genmd4_run)
-    assert isinstance(m.diffusion, GenMD4)
-    assert torch.equal(m.diffusion.schedule.log_w.detach(), saved)
+    assert isinstance(m.method, GenMD4)
+    assert torch.equal(m.method.schedule.log_w.detach(), saved)
     assert (saved.exp() - 1).abs().max() > 0.05  # trained: w moved away from its initial ones
     x = m.sample(2, steps=8)
     assert x.shape == (2, m.length) and (x < 27).all()
@@ -452,9 +452,9 @@ def test_resumed_genmd4_run_ends_with_the_same_weights_and_w(genmd4_run, corpus,
 def test_save_load_round_trip_of_w(tmp_path):
     w = save_genmd4_model(tmp_path / "m")
     m = md4.load(tmp_path / "m")
-    torch.testing.assert_close(m.diffusion.schedule.w.detach(), w, rtol=1e-6, atol=0)
-    m.diffusion.schedule.log_w.data.zero_()  # and the loaded exponents are the saved ones, not defaults
-    assert not torch.equal(md4.load(tmp_path / "m").diffusion.schedule.w, m.diffusion.schedule.w)
+    torch.testing.assert_close(m.method.schedule.w.detach(), w, rtol=1e-6, atol=0)
+    m.method.schedule.log_w.data.zero_()  # and the loaded exponents are the saved ones, not defaults
+    assert not torch.equal(md4.load(tmp_path / "m").method.schedule.w, m.method.schedule.w)
 
 
 def test_inspect_lists_the_largest_w_first_and_writes_a_png(tmp_path, capsys):

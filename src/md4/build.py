@@ -28,7 +28,7 @@ from md4.sedd import SEDD
 # Baselines: "ar" (causal, exact likelihood) and "sedd" (score entropy, absorbing); D3PM-absorb
 # is "md4" evaluated with --timesteps 1000.
 METHODS: dict[str, type[Method]] = {"md4": MD4, "genmd4": GenMD4, "ar": AR, "sedd": SEDD}
-# built with config.json's "tokenizer_args" where the tokenizer takes any
+# built with config.json's "tokenizer_args": the whole numbers each tokenizer's ARGS names
 TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "image": ImageTokenizer}
 # saved weights' key prefixes of earlier versions -> today's (Bundle.method was Bundle.diffusion)
 LEGACY_PREFIXES = {"diffusion.": "method."}

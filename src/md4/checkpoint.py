@@ -11,6 +11,7 @@ always complete. A model folder (`config.json` + `model.safetensors`) is written
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from md4.errors import UserError
+from md4.validate import check, fail, field, finite_tensors, mapping
 
 STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -94,12 +96,15 @@ def save_model(folder: Path, config: dict, weights: dict) -> None:
 
 
 def read_weights(path: Path) -> dict:
+    """The tensors of a safetensors file, every floating-point one finite."""
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except FileNotFoundError:
         raise UserError(f"Weights file {path} is missing.")
     except Exception as e:  # safetensors raises its own error types for bad headers/lengths
         raise UserError(f"Weights file {path} is corrupt or truncated ({type(e).__name__}).")
+    finite_tensors(weights, path)
+    return weights
 
 
 def read_json(path: Path) -> dict:
@@ -161,7 +166,8 @@ def save_checkpoint(run_dir: Path, step: int, model: dict, ema: dict, optim: dic
 
 
 def load_checkpoint(folder: Path) -> dict:
-    """{"model", "ema", "optim", "state"} from a checkpoint folder; UserError if damaged."""
+    """{"model", "ema", "optim", "state"} from a checkpoint folder, each checked (finite weights,
+    check_optimizer_state, check_state); UserError if damaged."""
     folder = Path(folder)
     try:
         optim = torch.load(folder / "optim.pt", map_location="cpu", weights_only=True)
@@ -172,6 +178,78 @@ def load_checkpoint(folder: Path) -> dict:
     return {
         "model": read_weights(folder / "model.safetensors"),
         "ema": read_weights(folder / "ema.safetensors"),
-        "optim": optim,
-        "state": read_json(folder / "state.json"),
+        "optim": check_optimizer_state(optim, folder / "optim.pt"),
+        "state": check_state(read_json(folder / "state.json"), folder / "state.json"),
     }
+
+
+# state.json: the RNG states (base64) and which of them hold a CPU generator's state
+RNG_STATES = {"data_rng": True, "noise_rng": False, "torch_rng": True, "cuda_rng": False}
+OPTIONAL_RNG = ("cuda_rng",)  # saved by runs on a GPU only
+# state.json: optional numbers -> lower bound (None: any finite number)
+STATE_NUMBERS = {"run_loss": None, "run_gnorm": 0, "elapsed": 0}
+
+
+def check_state(state, path: Path) -> dict:
+    """state.json checked: `step` a whole number >= 0 equal to the folder's step, the RNG states
+    base64 text (a CPU generator's state where RNG_STATES says so), the running means run_loss,
+    run_gnorm, the count run_n >= 0 and `elapsed` seconds >= 0 where present. Other keys pass
+    unchanged. Returns a copy with numbers as int / float."""
+    path = Path(path)
+    state = dict(mapping(state, "the top level", path))
+    state["step"] = field(state, "step", int, path, lo=0)
+    named = STEP_DIR.fullmatch(path.parent.name)
+    if named and state["step"] != int(named.group(1)):
+        raise fail("step", path, f"is {state['step']}, but the checkpoint folder is {path.parent.name}")
+    cpu_size = torch.get_rng_state().numel()
+    for key, cpu in RNG_STATES.items():
+        if key in OPTIONAL_RNG and key not in state:
+            continue
+        text = field(state, key, str, path)
+        try:
+            size = len(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise fail(key, path, "is not base64 text") from None
+        if size == 0 or (cpu and size != cpu_size):
+            raise fail(key, path, f"holds {size} bytes, not a random generator's state of {cpu_size}")
+    for key, lo in STATE_NUMBERS.items():
+        if key in state:
+            state[key] = field(state, key, float, path, lo=lo)
+    if "run_n" in state:
+        state["run_n"] = field(state, "run_n", int, path, lo=0)
+    return state
+
+
+# AdamW hyperparameters in optim.pt's param_groups: finite numbers >= 0 where present
+OPTIM_NUMBERS = ("lr", "eps", "weight_decay", "lr_scale")
+
+
+def check_optimizer_state(optim, path: Path) -> dict:
+    """optim.pt checked for what torch.optim.Optimizer.load_state_dict needs:
+    {"state": {parameter (index, or name under FSDP): {name: finite tensor or number}},
+     "param_groups": [{"params": [indices or names], "lr", "betas", "eps", "weight_decay", ...}]}."""
+    mapping(optim, "the top level", path)
+    state, groups = field(optim, "state", dict, path), field(optim, "param_groups", list, path)
+    for key, per_param in state.items():
+        name = f"state[{key!r}]" if isinstance(key, str) else f"state[{key}]"
+        if not isinstance(key, (int, str)) or isinstance(key, bool):
+            raise fail("state", path, f"must be keyed by parameter numbers or names, got {key!r}")
+        for k, v in mapping(per_param, name, path).items():
+            if not isinstance(v, torch.Tensor):
+                check(v, float, f"{name}.{k}", path)
+        finite_tensors(per_param, path, prefix=f"{name}.")
+    for i, group in enumerate(groups):
+        name = f"param_groups[{i}]"
+        mapping(group, name, path)
+        for p in field(group, "params", list, path, prefix=f"{name}."):
+            if not isinstance(p, (int, str)) or isinstance(p, bool):
+                raise fail(f"{name}.params", path, f"must list parameter numbers or names, got {p!r}")
+        for key in OPTIM_NUMBERS:
+            field(group, key, float, path, lo=0, default=0.0, prefix=f"{name}.")
+        betas = group.get("betas", (0.0, 0.0))
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise fail(f"{name}.betas", path, f"must be two numbers in [0, 1), got {betas!r}")
+        for b in betas:
+            if check(b, float, f"{name}.betas", path, lo=0) >= 1:
+                raise fail(f"{name}.betas", path, f"must be two numbers in [0, 1), got {betas!r}")
+    return optim

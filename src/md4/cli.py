@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from md4.errors import UserError
+from md4.validate import check
 
 
 def _torch_threads(n: int) -> None:
@@ -34,11 +35,7 @@ def cmd_eval(args) -> None:
     from md4.evaluate import eval_table, evaluate_model, format_eval
 
     _torch_threads(args.threads)
-    for mc, name in ((args.mc_samples, "--mc-samples"), (args.batch_size, "--batch-size")):
-        if mc < 1:
-            raise UserError(f"{name} must be at least 1, got {mc}.")
-    if args.timesteps < 0:
-        raise UserError(f"--timesteps must be 0 (continuous time) or a positive number of steps, got {args.timesteps}.")
+    check_counts(args, mc_samples=1, batch_size=1, timesteps=0, limit=0)
     paths = args.path if isinstance(args.path, list) else [args.path]
     models = [md4.load(path, device=args.device) for path in paths]  # a bad path fails before any work
     results = []
@@ -51,18 +48,48 @@ def cmd_eval(args) -> None:
         print(json.dumps(results) if args.json else eval_table(results))
 
 
+# `md4 sample` options that only one kind of model uses: given to the other kind, they are refused
+TEXT_OPTIONS = ("--prompt", "--infill", "--length", "--sampler", "--temperature", "--top-k", "--top-p", "--block",
+                "--judge")
+IMAGE_OPTIONS = ("--out", "--inpaint", "--region")
+MASKED_OPTIONS = ("--sampler", "--temperature", "--top-k", "--top-p", "--block", "--prompt", "--infill", "--trace")
+
+
+def check_counts(args, **lowest) -> None:
+    """Each named option, when given (not None), a whole number >= its lowest value; else a
+    UserError naming the flag."""
+    for name, lo in lowest.items():
+        value = getattr(args, name)
+        if value is not None:
+            check(value, int, "--" + name.replace("_", "-"), lo=lo)
+
+
+def given(args, flags) -> list[str]:
+    """The flags among `flags` whose values differ from the command's defaults."""
+    defaults = parser().parse_args([args.command, "PATH"])
+    dest = [flag[2:].replace("-", "_") for flag in flags]
+    return [flag for flag, d in zip(flags, dest) if getattr(args, d) != getattr(defaults, d)]
+
+
+def only_for(flags: list[str]) -> str:
+    """"--top-k applies" or "--top-k, --block apply": the start of a refusal."""
+    return f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'}"
+
+
 def cmd_sample(args) -> None:
     import md4
 
     _torch_threads(args.threads)
-    if args.num < 1:
-        raise UserError(f"--num must be at least 1, got {args.num}.")
+    check_counts(args, num=1, steps=1, length=1, top_k=0, block=0)
+    check(args.guidance, float, "--guidance")
     model = md4.load(args.path, device=args.device)
     labels = parse_label(args.label, args.num, model.num_classes)
-    if getattr(model.tokenizer, "name", "") == "image":
+    kind, other = ("image", "text") if model.tokenizer.name == "image" else ("text", "image")
+    wrong = given(args, TEXT_OPTIONS if kind == "image" else IMAGE_OPTIONS)
+    if wrong:
+        raise UserError(f"{only_for(wrong)} to {other} models, not to this {kind} model.")
+    if kind == "image":
         return sample_images(model, args, labels)
-    if args.out or args.inpaint:
-        raise UserError("--out and --inpaint write pictures and need an image model.")
     kwargs, recorder = sampling_options(args, model)
     judge = quality = None
     if args.judge:  # loaded first: a bad judge fails before the sampling time is spent
@@ -78,7 +105,7 @@ def cmd_sample(args) -> None:
 
         tok = model.tokenizer
         render(recorder.states, args.trace, lambda i: tok.decode([i]), tok.mask_id, recorder.times,
-               title=f"md4 sample 0: {args.sampler} sampler, {args.steps or model.config.sample.steps} steps")
+               title=f"md4 sample 0: {args.sampler} sampler, {model.schedule(args.steps)[0]} steps")
         print(f"trace written to {args.trace}", file=sys.stderr)
     if judge:
         quality = generative_perplexity(judge, texts, ids=x.cpu())
@@ -100,8 +127,7 @@ def cmd_genppl(args) -> None:
     from md4.judge import Judge
 
     _torch_threads(args.threads)
-    if args.num < 1:
-        raise UserError(f"--num must be at least 1, got {args.num}.")
+    check_counts(args, num=1, steps=1)
     models = [md4.load(path, device=args.device) for path in args.path]
     judge = Judge.load(args.judge, device=args.device)
     results = []
@@ -123,12 +149,9 @@ def sampling_options(args, model) -> tuple[dict, object]:
 
     get_sampler(args.sampler)  # fail before loading anything heavy
     if not model.method.reverse_process:  # e.g. the AR baseline: its own sampler, no options
-        asked = [flag for flag, on in (("--sampler", args.sampler != "ancestral"), ("--temperature", args.temperature != 1),
-                                       ("--top-k", args.top_k), ("--top-p", args.top_p != 1), ("--block", args.block),
-                                       ("--prompt", args.prompt is not None), ("--infill", args.infill is not None),
-                                       ("--trace", args.trace)) if on]
+        asked = given(args, MASKED_OPTIONS)
         if asked:
-            raise UserError(f"{', '.join(asked)} apply to masked diffusion models, not to {model.config.method}.")
+            raise UserError(f"{only_for(asked)} to masked diffusion models, not to {model.config.method}.")
         return {}, None
     kwargs = {"sampler": args.sampler, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
               "block": args.block}
@@ -168,13 +191,16 @@ def sample_images(model, args, labels) -> None:
 
     t0 = time.time()
     report = {}
+    if args.region is not None and not args.inpaint:
+        raise UserError("--region applies with --inpaint; give both or neither.")
     if args.inpaint:
         corpus = load_corpus(model.config.data.corpus)
+        model.check_corpus(corpus)
         test = torch_rows(corpus.test, args.num, args.seed)
         y = check_labels(corpus, "test", model.num_classes)
         y = y[test[1]] if y is not None else None
-        r = pictures.inpaint(model, test[0], args.inpaint, args.region, labels=y, guidance_weight=args.guidance,
-                             steps=args.steps, grid=args.grid, seed=args.seed)
+        r = pictures.inpaint(model, test[0], args.inpaint, args.region or "center", labels=y,
+                             guidance_weight=args.guidance, steps=args.steps, grid=args.grid, seed=args.seed)
         report["inpaint"] = str(r["inpaint"])
     if args.out or args.trace or not args.inpaint:
         r = pictures.sample_grid(model, args.num, args.out or "samples.png", steps=args.steps, grid=args.grid,
@@ -205,6 +231,7 @@ def cmd_demo(args) -> None:
     from md4.evaluate import evaluate_model, format_eval
     from md4.train import train
 
+    check_counts(args, samples=1, eval_sequences=0)  # before the training time is spent
     t0 = time.time()
     cfg = load_config("demo", args.set)
     print(f"md4 demo: training MD4 on the {cfg.data.corpus} corpus ({cfg.train.steps} steps), run folder {args.out}")
@@ -327,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (0 = none)")
     s.add_argument("--out", default=None, help="image models: PNG grid of samples (default samples.png)")
     s.add_argument("--inpaint", default=None, help="image models: PNG of test images, masked inputs and completions")
-    s.add_argument("--region", default="center", help="region to inpaint: center, top, bottom, left, right")
+    s.add_argument("--region", default=None, help="region to inpaint: center (default), top, bottom, left, right")
     s.set_defaults(fn=cmd_sample)
 
     i = sub.add_parser("inspect", help="a GenMD4 model's learned schedule: tokens that unmask first and last, PNG")

@@ -61,6 +61,7 @@ class ModelConfig:
         _check_positive(self, "model", ("dim", "layers", "heads", "cond_dim"))
         _check_range(self, "model", "mlp_ratio", 0, low_open=True)
         _check_range(self, "model", "dropout", 0, 1, high_open=True)
+        _check_range(self, "model", "num_classes", 0)
 
 
 @dataclass

@@ -64,7 +64,7 @@ def summarize(nelbo: torch.Tensor, length: int) -> dict:
         "nats_per_sequence": mean,
         "bits_per_token": mean / per_tok,
         "bits_per_token_se": se / per_tok,
-        "perplexity": math.exp(mean / length),
+        "perplexity": math.exp(mean / length) if mean / length < 709.78 else math.inf,  # beyond: a float overflows
     }
 
 
@@ -81,6 +81,7 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
         corpus, split = load_zero_shot(data, min_length=model.length), "test"
     else:
         corpus, split = load_corpus(data or model.config.data.corpus, min_length=model.length), split or "valid"
+    model.check_corpus(corpus)
     chunks = eval_chunks(corpus.split(split), model.length)
     labels = check_labels(corpus, split, model.config.model.num_classes)  # conditional models: -log p(x | y)
     if limit > 0:
@@ -93,7 +94,11 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
         mc_samples, timesteps = 1, 0  # the likelihood is exact: one pass, no time
     nelbo = sequence_nelbo(model.method, model.net, chunks, mc_samples=mc_samples, batch_size=batch_size,
                            timesteps=timesteps, seed=seed, device=model.device, progress=progress, labels=labels)
-    image = getattr(corpus.tokenizer, "name", "") == "image"  # bits per token = bits per dimension
+    bad = int((~torch.isfinite(nelbo)).sum())
+    if bad:
+        raise UserError(f"The NELBO of model {model.source} is not finite on {bad} of {len(nelbo)} {corpus.name} "
+                        f"sequences; its weights overflow or are damaged.")
+    image = corpus.tokenizer.name == "image"  # bits per token = bits per dimension
     return {"model": str(model.source), "method": model.config.method, "corpus": corpus.name, "split": split,
             "mc_samples": mc_samples, "timesteps": timesteps, "bound": bound_name(timesteps, exact),
             "unit": "bits/dim" if image else "bits/token", "class_conditional": labels is not None,
@@ -135,14 +140,16 @@ def sample_quality(model, judge, num: int = 64, steps: int | None = None, grid: 
     seconds = time.time() - t0
     r = generative_perplexity(judge, model.decode(x), ids=x.cpu(), batch_size=batch_size, progress=progress)
     exact = model.method.exact_likelihood
-    return {"model": str(model.source), "method": model.config.method,
-            "steps": model.length if exact else steps or model.config.sample.steps,
-            "grid": "" if exact else grid or model.config.sample.grid, "sampling_seconds": seconds, **r}
+    steps, grid = model.schedule(steps, grid)
+    return {"model": str(model.source), "method": model.config.method, "steps": model.length if exact else steps,
+            "grid": "" if exact else grid, "sampling_seconds": seconds, **r}
 
 
 def reference_quality(model, judge, num: int = 64, batch_size: int = 16, seed: int = 0) -> dict:
     """The same statistics for `num` random chunks of the model's test split (real text)."""
-    chunks = eval_chunks(load_corpus(model.config.data.corpus, min_length=model.length).test, model.length)
+    corpus = load_corpus(model.config.data.corpus, min_length=model.length)
+    model.check_corpus(corpus)
+    chunks = eval_chunks(corpus.test, model.length)
     x = chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))[:num]]
     r = generative_perplexity(judge, model.decode(x), ids=x, batch_size=batch_size)
     return {"model": f"data ({model.config.data.corpus} test)", "method": "-", "steps": 0, "grid": "",

@@ -9,6 +9,7 @@ This module does not import the training code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from md4.config import Config, from_dict
 from md4.errors import UserError
 from md4.method import Method
 from md4.nn import Backbone
+from md4.validate import fail, field, known_keys, mapping, one_of
 
 
 @dataclass
@@ -57,9 +59,13 @@ class Pretrained:
 
     def denoiser(self, labels=None, guidance: float = 0.0):
         """The network as denoiser(x_t, t): for class `labels` ([num] long, or an int for all;
-        None = unconditional) with classifier-free guidance weight `guidance` (0 = none)."""
+        None = unconditional) with classifier-free guidance weight `guidance` (0 = none). A
+        network whose logits overflow is refused first (see check_finite)."""
         from md4.guidance import conditioned
 
+        if not math.isfinite(guidance):
+            raise UserError(f"The guidance weight must be a finite number, got {guidance}.")
+        self.check_finite()
         if labels is None:
             if guidance:
                 raise UserError("Guidance needs a class label (--label).")
@@ -71,6 +77,16 @@ class Pretrained:
             raise UserError(f"Class labels must lie in 0..{self.num_classes - 1}.")
         return conditioned(self.net, labels, guidance)
 
+    @torch.no_grad()
+    def check_finite(self) -> None:
+        """UserError unless the network's logits for one fully masked sequence (t = 1, no label) are
+        finite: with weights that overflow, every sampler would draw the same token everywhere,
+        silently. One forward pass of one sequence."""
+        x = torch.full((1, self.length), self.method.mask_id, device=self.device)
+        if not torch.isfinite(self.net(x, torch.ones(1, device=self.device))).all():
+            raise UserError(f"Model {self.source} predicts non-finite logits for a fully masked sequence; "
+                            f"its weights overflow or are damaged.")
+
     def sample(self, num: int, steps: int | None = None, grid: str | None = None, length: int | None = None,
                seed: int = 0, progress: bool = False, labels=None, guidance: float = 0.0,
                **kwargs) -> torch.Tensor:
@@ -80,7 +96,8 @@ class Pretrained:
         class-conditional models (classifier-free guidance)."""
         limit = self.net.max_length
         known = kwargs.get("known")
-        length = length or (known.shape[-1] if known is not None else self.length)
+        if length is None:
+            length = known.shape[-1] if known is not None else self.length
         if kwargs.get("block"):
             kwargs.setdefault("window", min(self.length, limit))
         elif length > limit:
@@ -90,9 +107,23 @@ class Pretrained:
             labels = torch.full((num,), int(labels), dtype=torch.long)
         denoiser = self.denoiser(labels, guidance)
         g = torch.Generator(self.device).manual_seed(seed)
-        return self.method.sample(denoiser, num, length, steps=steps or self.config.sample.steps,
-                                     grid=grid or self.config.sample.grid, generator=g, device=self.device,
-                                     progress=progress, **kwargs)
+        steps, grid = self.schedule(steps, grid)
+        return self.method.sample(denoiser, num, length, steps=steps, grid=grid, generator=g, device=self.device,
+                                  progress=progress, **kwargs)
+
+    def schedule(self, steps: int | None = None, grid: str | None = None) -> tuple[int, str]:
+        """(steps, grid) for sampling: the ones given, else the config's sample.steps and sample.grid
+        (a 0 stays 0, for the sampler to refuse)."""
+        return (self.config.sample.steps if steps is None else steps), (grid or self.config.sample.grid)
+
+    def check_corpus(self, corpus) -> None:
+        """UserError unless `corpus` is tokenized as this model reads: the same kind of tokens,
+        vocabulary and (images) shape; a model fed other ids would index outside its embedding or
+        score meaningless numbers."""
+        have, want = describe_tokens(corpus.tokenizer), describe_tokens(self.tokenizer)
+        if have != want:
+            raise UserError(f"Corpus {corpus.name!r} holds {have}, but the model {self.source} reads {want}; "
+                            f"give it data tokenized its own way.")
 
     def decode(self, x: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(row.tolist()) for row in x]
@@ -109,17 +140,50 @@ def model_folder(path: Path) -> Path:
     raise UserError(f"{path} holds no trained model (no config.json + model.safetensors); has training finished?")
 
 
+def describe_tokens(tokenizer) -> str:
+    """"char tokens (vocabulary 27)", "image tokens (vocabulary 256, height 7, width 7, ...)"."""
+    args = "".join(f", {k} {v}" for k, v in tokenizer.args().items())
+    return f"{tokenizer.name} tokens (vocabulary {tokenizer.vocab_size:,}{args})"
+
+
+def read_model_config(folder: Path) -> tuple[Config, object]:
+    """A model folder's config.json, checked field by field: (config, tokenizer).
+
+    format        "md4"
+    config        the Config as a mapping (types and ranges: md4.config.from_dict)
+    tokenizer     a name in TOKENIZERS (default char)
+    tokenizer_args  exactly the tokenizer's ARGS, each a whole number in its range
+    vocab_size    the tokenizer's vocabulary (default: it)
+    A tokenizer of fixed length (images) must give config.data.length values."""
+    path = Path(folder) / "config.json"
+    raw = mapping(checkpoint.read_json(path), "the top level", path)
+    one_of(raw.get("format", "md4"), ("md4",), "format", path)
+    section = field(raw, "config", dict, path, default=raw)  # without "config": an old layout
+    try:
+        cfg = from_dict(Config, section)
+    except UserError as e:
+        message = str(e)
+        raise UserError(f"In {path}, {message[0].lower()}{message[1:]}") from None
+    cls = TOKENIZERS[one_of(raw.get("tokenizer", "char"), TOKENIZERS, "tokenizer", path)]
+    args = field(raw, "tokenizer_args", dict, path, default={})
+    known_keys(args, cls.ARGS, "tokenizer_args", path)
+    tokenizer = cls(**{k: field(args, k, int, path, lo, hi, prefix="tokenizer_args.")
+                       for k, (lo, hi) in cls.ARGS.items()})
+    vocab_size = field(raw, "vocab_size", int, path, lo=1, default=tokenizer.vocab_size)
+    if vocab_size != tokenizer.vocab_size:
+        raise fail("vocab_size", path, f"is {vocab_size}, but the {tokenizer.name} tokenizer has "
+                   f"{tokenizer.vocab_size}")
+    if tokenizer.length not in (None, cfg.data.length):
+        raise fail("config.data.length", path, f"is {cfg.data.length}, but tokenizer_args make sequences of "
+                   f"{tokenizer.length}")
+    return cfg, tokenizer
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     """Load a model folder (or the `model/` folder of a run) for evaluation and sampling."""
     folder = model_folder(Path(path))
-    raw = checkpoint.read_json(folder / "config.json")
-    cfg = from_dict(Config, raw.get("config", raw))
-    vocab_size = int(raw.get("vocab_size", 0))
-    tok_name = raw.get("tokenizer", "char")
-    if tok_name not in TOKENIZERS:
-        raise UserError(f"Model {folder} uses an unknown tokenizer {tok_name!r}.")
-    tokenizer = TOKENIZERS[tok_name](**raw.get("tokenizer_args", {}))
-    method, net = build(cfg, vocab_size or tokenizer.vocab_size)
+    cfg, tokenizer = read_model_config(folder)
+    method, net = build(cfg, tokenizer.vocab_size)
     weights = upgrade_weights(checkpoint.read_weights(folder / "model.safetensors"))
     checkpoint.load_into(Bundle(method, net), weights, folder)
     net.eval()

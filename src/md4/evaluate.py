@@ -122,13 +122,16 @@ def format_eval(r: dict) -> str:
 
 def eval_table(results: list[dict]) -> str:
     """One markdown row per evaluation: model, method, corpus, split, bits/token ± SE, ppl, #seqs, K, bound."""
-    lines = ["| model | method | corpus | split | bits/token ± SE | ppl | #seqs | K | bound |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['model']} | {r.get('method', '')} | {r['corpus']} | {r['split']} | "
-                     f"{r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f} | {r['perplexity']:.3f} | "
-                     f"{r['sequences']} | {r['mc_samples']} | {r.get('bound') or bound_name(r['timesteps'])} |")
-    return "\n".join(lines)
+    return markdown_table(["model", "method", "corpus", "split", "bits/token ± SE", "ppl", "#seqs", "K", "bound"], [
+        [r["model"], r.get("method", ""), r["corpus"], r["split"],
+         f"{r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f}", f"{r['perplexity']:.3f}", r["sequences"],
+         r["mc_samples"], r.get("bound") or bound_name(r["timesteps"])] for r in results])
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """| a | b |, |---|---|, then one line per row."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
 
 
 # ----------------------------------------------------------------------------- samples
@@ -159,11 +162,9 @@ def reference_quality(model, judge, num: int = 64, batch_size: int = 16, seed: i
 def quality_table(results: list[dict]) -> str:
     """A markdown table of sample_quality / reference_quality results, one row each."""
     judges = sorted({r["judge"] for r in results})
-    lines = [f"judge: {', '.join(judges)}", "",
-             "| model | method | steps | #samples | gen ppl | judge bits/char | unigram entropy (bits) ± SE | sampling s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['model']} | {r['method']} | {r['steps'] or '-'} | {r['samples']} | {r['gen_ppl']:.2f} | "
-                     f"{r['judge_bits_per_char']:.3f} | "
-                     f"{r['entropy_bits']:.3f} ± {r['entropy_bits_se']:.3f} | {r['sampling_seconds']:.1f} |")
-    return "\n".join(lines)
+    return f"judge: {', '.join(judges)}\n\n" + markdown_table(
+        ["model", "method", "steps", "#samples", "gen ppl", "judge bits/char", "unigram entropy (bits) ± SE",
+         "sampling s"],
+        [[r["model"], r["method"], r["steps"] or "-", r["samples"], f"{r['gen_ppl']:.2f}",
+          f"{r['judge_bits_per_char']:.3f}", f"{r['entropy_bits']:.3f} ± {r['entropy_bits_se']:.3f}",
+          f"{r['sampling_seconds']:.1f}"] for r in results])

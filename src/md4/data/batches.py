@@ -70,6 +70,12 @@ def _rows(data: np.ndarray | torch.Tensor, length: int) -> torch.Tensor:
     return data
 
 
+def random_rows(data, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num` rows of a 2-D split picked at random with `seed`: (rows [num, N] long, indices [num])."""
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:num]
+    return torch.as_tensor(data)[idx].long(), idx
+
+
 def split_labels(corpus, which: str) -> torch.Tensor | None:
     """[M] long labels of a split, or None for a corpus without labels (text)."""
     labels = getattr(corpus, "labels", None)

@@ -8,6 +8,7 @@ only what this base class declares:
     net.max_length     the longest sequence it takes
     net.uses_time      whether its output depends on t (False: samplers may reuse predictions)
     net.shard_units()  submodules to shard one by one under FSDP (the rest shards as one group)
+    net.num_classes    class labels it is conditioned on (0: none); label num_classes is the null label
     net(x, t, labels=None)
 """
 
@@ -18,6 +19,8 @@ from torch import nn
 
 class Backbone(nn.Module):
     """Base class of the denoising networks of md4.nn (registered in md4.nn.BACKBONES)."""
+
+    num_classes: int = 0
 
     @classmethod
     def from_config(cls, vocab_size: int, cfg, *, length: int, causal: bool = False,

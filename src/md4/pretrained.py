@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from md4 import checkpoint
+from md4 import checkpoint, hub
 from md4.ar import AR
 from md4.config import Config, from_dict
 from md4.data import CharTokenizer, ImageTokenizer, split_labels
@@ -174,9 +174,10 @@ def model_folder(path: Path) -> Path:
     raise UserError(f"{path} holds no trained model (no config.json + model.safetensors); has training finished?")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """Load a model folder (or the `model/` folder of a run) for evaluation and sampling."""
-    folder = model_folder(Path(path))
+def load(path: str | Path, device: str | torch.device = "cpu", revision: str | None = None) -> Pretrained:
+    """Load a model folder (or the `model/` folder of a run), or a Hugging Face Hub repo id
+    ("org/name", "org/name@revision"; md4.hub), for evaluation and sampling."""
+    folder = model_folder(hub.resolve(path, revision))
     raw = checkpoint.read_json(folder / "config.json")
     cfg = from_dict(Config, raw.get("config", raw))
     vocab_size = int(raw.get("vocab_size", 0))

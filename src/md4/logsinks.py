@@ -73,11 +73,12 @@ class Wandb:
 
     def __init__(self, run_dir: Path, resume_step: int, config: dict):
         import os
+        import secrets
 
         import wandb
 
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
         write_text_atomic(id_file, run_id)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "md4"), name=run_dir.name, id=run_id,
                               resume="allow", dir=str(run_dir), config=config)

@@ -9,11 +9,11 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import md4
 from md4 import textlm
@@ -142,39 +142,25 @@ print("\nRESULT " + json.dumps(out))
 
 
 def write_tasks(folder: Path, rolling_text: str) -> None:
+    """Three harness tasks over local JSONL files: rolling log-likelihood, multiple choice, generation."""
     folder.mkdir()
     (folder / "rolling.jsonl").write_text(json.dumps({"text": rolling_text}) + "\n")
     docs = [{"text": "the man said that it", "choices": [" was not", " xqzv qj"], "label": 0},
             {"text": "and they were", "choices": [" zzzz", " in the"], "label": 1}]
     (folder / "choice.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    common = "dataset_path: json\ntest_split: test\n"
-    (folder / "md4_rolling.yaml").write_text(common + textwrap.dedent(f"""\
-        task: md4_rolling
-        dataset_kwargs: {{data_files: {{test: {folder / 'rolling.jsonl'}}}}}
-        output_type: loglikelihood_rolling
-        doc_to_text: ""
-        doc_to_target: "{{{{text}}}}"
-        metric_list: [{{metric: word_perplexity}}, {{metric: bits_per_byte}}]
-        """))
-    (folder / "md4_choice.yaml").write_text(common + textwrap.dedent(f"""\
-        task: md4_choice
-        dataset_kwargs: {{data_files: {{test: {folder / 'choice.jsonl'}}}}}
-        output_type: multiple_choice
-        doc_to_text: "{{{{text}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: "{{{{label}}}}"
-        target_delimiter: ""
-        metric_list: [{{metric: acc}}]
-        """))
-    (folder / "md4_gen.yaml").write_text(common + textwrap.dedent(f"""\
-        task: md4_gen
-        dataset_kwargs: {{data_files: {{test: {folder / 'choice.jsonl'}}}}}
-        output_type: generate_until
-        doc_to_text: "{{{{text}}}}"
-        doc_to_target: "{{{{label}}}}"
-        generation_kwargs: {{until: ["q"], max_gen_toks: 12, do_sample: false}}
-        metric_list: [{{metric: exact_match}}]
-        """))
+
+    def task(name: str, data: str, **keys) -> None:
+        spec = {"task": name, "dataset_path": "json", "test_split": "test",
+                "dataset_kwargs": {"data_files": {"test": str(folder / data)}}, **keys}
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+
+    task("md4_rolling", "rolling.jsonl", output_type="loglikelihood_rolling", doc_to_text="",
+         doc_to_target="{{text}}", metric_list=[{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}])
+    task("md4_choice", "choice.jsonl", output_type="multiple_choice", doc_to_text="{{text}}",
+         doc_to_choice="{{choices}}", doc_to_target="{{label}}", target_delimiter="", metric_list=[{"metric": "acc"}])
+    task("md4_gen", "choice.jsonl", output_type="generate_until", doc_to_text="{{text}}", doc_to_target="{{label}}",
+         generation_kwargs={"until": ["q"], "max_gen_toks": 12, "do_sample": False},
+         metric_list=[{"metric": "exact_match"}])
 
 
 def test_harness_on_local_tasks(trained_run, model, tmp_path):

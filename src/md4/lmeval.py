@@ -1,7 +1,7 @@
 """md4 models in lm-evaluation-harness: the model type "md4".
 
     pip install "md4[lmeval]"
-    md4-lm-eval --model md4 --model_args pretrained=runs/demo,mc_samples=8 --tasks lambada_openai
+    md4-lm-eval --model md4 --model_args pretrained=runs/demo,mc_samples=8 --batch_size 32 --tasks lambada_openai
     # or, in Python: import md4.lmeval; lm_eval.simple_evaluate(model="md4", model_args=..., tasks=...)
 
 `md4-lm-eval` is the harness's own command line (lm_eval ...) with this module imported, which
@@ -20,8 +20,10 @@ compare bounds, not likelihoods; more draws (mc_samples) lower their variance.
 
 from __future__ import annotations
 
+import logging
 import sys
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -38,8 +40,11 @@ class MD4LM(LM):
                  steps: int | None = None, temperature: float = 1.0, top_p: float = 1.0, max_gen_toks: int = 64,
                  **unused):
         super().__init__()
-        self.model = md4.load(str(pretrained), device=device or "cpu",
-                              revision=None if revision is None else str(revision))
+        device = str(device or "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():  # the harness's default is cuda:0
+            logging.getLogger(__name__).warning("md4: no CUDA GPU; evaluating on the CPU instead of %s", device)
+            device = "cpu"
+        self.model = md4.load(str(pretrained), device=device, revision=None if revision is None else str(revision))
         self.mc_samples, self.timesteps, self.seed = int(mc_samples), int(timesteps), int(seed)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # "auto" -> 32
         self.generation = {"sampler": sampler, "steps": None if steps is None else int(steps),

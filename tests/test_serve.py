@@ -72,7 +72,7 @@ def test_prompt_continues_to_the_model_length(server):
     ({"text": "the c_t", "steps": "0"}, "Steps must lie between 1 and 64, got 0."),
     ({"text": "the cat"}, "Mark the characters to fill with _ (or choose prompt to continue the text)."),
     ({"text": ""}, "Type a text: with _ for the characters to fill, or a prompt to continue."),
-    ({"text": "the c_t", "temperature": "hot"}, "temperature must be a number, got 'hot'."),
+    ({"text": "the c_t", "temperature": "hot"}, "Temperature must be a number, got 'hot'."),
     ({"text": "the c_t", "sampler": "magic"}, "Unknown sampler 'magic'; choose one of ancestral, cached, mean, "
                                               "jump, confidence."),
     ({"text": "a" * 40, "mode": "prompt"}, "The text has 40 characters; this model writes at most 32."),
@@ -175,3 +175,27 @@ def test_page_in_a_browser(server, browser, tmp_path):
     wait_for(browser, lambda d: d.find_element(By.ID, "message").text != "")
     assert browser.find_element(By.ID, "message").text == "Steps must lie between 1 and 64, got 0."
 
+
+
+def test_image_model_streams_the_grid(tmp_path, monkeypatch):
+    """A class-conditional image model: PNG grids after every step, label and guidance checked."""
+    import base64
+    import struct
+
+    from test_image_cli import train_images
+
+    srv = serve.make_server(md4.load(train_images(tmp_path, monkeypatch)), "127.0.0.1", 0, max_steps=64)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert json.loads(urllib.request.urlopen(url(srv, "info"), timeout=10).read())["num_classes"] == 10
+        ev = events(srv, num=4, label=3, guidance=1.5, steps=4)
+        assert [k for k, _ in ev][-1] == "done" and len(ev) >= 3
+        pngs = [base64.b64decode(d["image"].removeprefix("data:image/png;base64,")) for _, d in ev]
+        # 4 images of 7x7 pixels, 8x enlarged, 2 per row with 2-pixel gaps: 118 x 118
+        assert all(p[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", p[16:24]) == (118, 118) for p in pngs)
+        assert pngs[0] != pngs[-1]  # all masked (red) at first, filled in at the end
+        assert events(srv, num=4, label=10) == [("problem", {"message": "The class label must lie between 0 and 9, got 10."})]
+        assert events(srv, num=40) == [("problem", {"message": "The number of images must lie between 1 and 16, got 40."})]
+    finally:
+        srv.shutdown()
+        srv.server_close()

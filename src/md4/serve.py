@@ -60,17 +60,22 @@ def info(model, max_steps: int) -> dict:
     return out
 
 
+# how the messages name the query parameters (default: the name, capitalized)
+NAMES = {"num": "The number of images", "top_p": "Top-p", "label": "The class label"}
+
+
 def _number(params: dict, name: str, kind, default, low, high):
     """A query parameter as int or float within [low, high], or the default when absent."""
     raw = params.get(name, [""])[-1].strip()
     if raw == "":
         return default
+    what = NAMES.get(name, name.capitalize())
     try:
         value = kind(raw)
     except ValueError:
-        raise UserError(f"{name.replace('_', '-')} must be a number, got {raw!r}.")
+        raise UserError(f"{what} must be a number, got {raw!r}.")
     if not low <= value <= high:
-        raise UserError(f"{name.replace('_', '-').capitalize()} must lie between {low:g} and {high:g}, got {raw}.")
+        raise UserError(f"{what} must lie between {low:g} and {high:g}, got {raw}.")
     return value
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from md4 import cli_share
 from md4.errors import UserError
 from md4.validate import check
 
@@ -491,6 +492,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-sequences", type=int, default=0, help="validation sequences to evaluate (0 = all)")
     d.set_defaults(fn=cmd_demo)
     add_data_parser(sub)
+    cli_share.add_parsers(sub)  # push (Hugging Face Hub) and serve (playground page)
     return p
 
 

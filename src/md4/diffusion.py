@@ -65,6 +65,7 @@ class MD4(nn.Module):
         timesteps: int = 0,
         generator=None,
         t: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One-sample unbiased estimate of the negative ELBO of each sequence: [B] nats.
 
@@ -73,6 +74,8 @@ class MD4(nn.Module):
                      L = T * (alpha_s - alpha_t) / (1 - alpha_t) * sum_{n masked} -log mu^n_{x_0^n}.
         Times are antithetic across the batch unless `t` [B] is given (in [0,1); for discrete
         time it is rounded up to the grid). The reconstruction term N (1 - alpha_0) log V is added.
+        known [B, N] bool: the conditional bound on -log p(x_0[~known] | x_0[known]): known positions
+        are never masked, and the sums (and N) run over the other positions only.
         """
         B, N = x0.shape
         if t is None:
@@ -83,9 +86,9 @@ class MD4(nn.Module):
             weight = timesteps * (a_s - a_t) / (1 - a_t)
         else:
             weight = -self.schedule.weight(t)
-        xt = self.forward_sample(x0, t, generator)
+        xt = given(self.forward_sample(x0, t, generator), x0, known)
         ce = masked_cross_entropy(denoiser(xt, t), x0, xt, self.mask_id)
-        return weight * ce + self.reconstruction(N)
+        return weight * ce + self.reconstruction(free_positions(N, known))
 
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator=None) -> torch.Tensor:
         """Training loss (scalar): the batch mean of the continuous-time NELBO, nats per sequence."""
@@ -125,6 +128,16 @@ class MD4(nn.Module):
 
         return sampling.sample(self, denoiser, num_samples, length, steps=steps, grid=grid,
                                generator=generator, device=device, **kwargs)
+
+
+def given(xt: torch.Tensor, x0: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """x_t with the `known` positions ([B, N] bool, or None) unmasked: x_0 there, for conditional bounds."""
+    return xt if known is None else torch.where(known, x0, xt)
+
+
+def free_positions(length: int, known: torch.Tensor | None) -> int | torch.Tensor:
+    """The number of positions a bound covers: N, or [B] the positions not `known` ([B, N] bool)."""
+    return length if known is None else (~known).sum(-1)
 
 
 def categorical(logits: torch.Tensor, generator=None) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from md4 import schedules
-from md4.diffusion import MD4, Denoiser, antithetic_times, categorical
+from md4.diffusion import MD4, Denoiser, antithetic_times, categorical, free_positions, given
 from md4.errors import UserError
 
 
@@ -152,18 +152,19 @@ class GenMD4(MD4):
         return torch.where(xt == self.mask_id, term, torch.zeros_like(term)).sum(-1)
 
     def nelbo(self, denoiser: Denoiser, x0: torch.Tensor, timesteps: int = 0, generator=None,
-              t: torch.Tensor | None = None) -> torch.Tensor:
+              t: torch.Tensor | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
         """One-sample unbiased estimate of the negative ELBO of each sequence: [B] nats.
 
         Same conventions as MD4.nelbo: antithetic times unless t [B] is given, timesteps = T > 0
-        for the discrete-time bound (t rounded up to the grid), reconstruction term added."""
+        for the discrete-time bound (t rounded up to the grid), reconstruction term added, and
+        `known` [B, N] bool for the bound on the other positions given these."""
         B, N = x0.shape
         if t is None:
             t = antithetic_times(B, generator, x0.device)
         if timesteps:
             t = (torch.floor(t * timesteps) + 1) / timesteps
-        xt = self.forward_sample(x0, t, generator)
-        return self.masked_terms(denoiser(xt, t), x0, xt, t, timesteps) + self.reconstruction(N)
+        xt = given(self.forward_sample(x0, t, generator), x0, known)
+        return self.masked_terms(denoiser(xt, t), x0, xt, t, timesteps) + self.reconstruction(free_positions(N, known))
 
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator=None, t: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss (scalar, nats per sequence): two draws x_t^(1), x_t^(2) at the same t.

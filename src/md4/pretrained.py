@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from md4 import checkpoint
+from md4 import checkpoint, hub
 from md4.ar import AR
 from md4.config import Config, from_dict
 from md4.data import CharTokenizer, ImageTokenizer, split_labels
@@ -244,9 +244,10 @@ def read_model_config(folder: Path) -> tuple[Config, object]:
     return cfg, tokenizer
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """Load a model folder (or the `model/` folder of a run) for evaluation and sampling."""
-    folder = model_folder(Path(path))
+def load(path: str | Path, device: str | torch.device = "cpu", revision: str | None = None) -> Pretrained:
+    """Load a model folder (or the `model/` folder of a run), or a Hugging Face Hub repo id
+    ("org/name", "org/name@revision"; md4.hub), for evaluation and sampling."""
+    folder = model_folder(hub.resolve(path, revision))
     cfg, tokenizer = read_model_config(folder)
     diffusion, net = build(cfg, tokenizer.vocab_size)
     weights = checkpoint.read_weights(folder / "model.safetensors")

@@ -39,7 +39,7 @@ import math
 import torch
 
 from md4 import schedules
-from md4.diffusion import MD4, antithetic_times
+from md4.diffusion import MD4, antithetic_times, free_positions, given
 from md4.errors import UserError
 
 
@@ -108,17 +108,19 @@ class SEDD(MD4):
         return length * self.schedule.eps * math.log(self.vocab_size)
 
     def nelbo(self, denoiser, x0: torch.Tensor, timesteps: int = 0, generator=None,
-              t: torch.Tensor | None = None) -> torch.Tensor:
+              t: torch.Tensor | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
         """One-sample unbiased estimate of the score entropy bound of each sequence: [B] nats.
-        Times are antithetic across the batch unless `t` [B] is given. Continuous time only."""
+        Times are antithetic across the batch unless `t` [B] is given. Continuous time only.
+        known [B, N] bool: the bound on the other positions given these (MD4.nelbo)."""
         if timesteps:
             raise UserError("SEDD's bound is in continuous time only; leave --timesteps at 0 for a SEDD model.")
         B, N = x0.shape
         if t is None:
             t = antithetic_times(B, generator, x0.device)
         t = t.clamp(min=T_MIN)
-        xt = self.forward_sample(x0, t, generator)
-        return score_entropy(log_ratio(denoiser(xt, t)), x0, xt, t, self.schedule, self.mask_id) + self.prior(N)
+        xt = given(self.forward_sample(x0, t, generator), x0, known)
+        return (score_entropy(log_ratio(denoiser(xt, t)), x0, xt, t, self.schedule, self.mask_id)
+                + self.prior(free_positions(N, known)))
 
     def reverse_probs(self, logits: torch.Tensor, t: float, s: float) -> torch.Tensor:
         """Tweedie tau-leaping step for a masked position: [..., V + 1] float64 probabilities of

@@ -19,6 +19,7 @@ CAPABILITIES = ("causal", "exact_likelihood", "continuous_time_only", "needs_tim
 def test_every_method_declares_every_capability_as_a_bool():
     for name, cls in METHODS.items():
         assert issubclass(cls, Method), name
+        assert cls.description and cls.description != Method.description, name
         for cap in CAPABILITIES:
             assert isinstance(getattr(cls, cap), bool), (name, cap)
     for sampler in SAMPLERS.values():

@@ -115,6 +115,23 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--piece-chars", type=int, default=1 << 16, help="long documents are cut into pieces this long")
     q.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
     q.add_argument("--max-documents", type=int, default=0, help="stop after this many documents (0 = all)")
+
+    u = command(sub, "push", commands.cmd_push, "upload a run's model to the Hugging Face Hub with a generated "
+                                                "model card")
+    u.add_argument("run", help="run folder or model folder (config.json + model.safetensors)")
+    u.add_argument("repo_id", help="Hub repo, org/name (created when missing)")
+    u.add_argument("--private", action="store_true", help="create the repo private")
+    u.add_argument("--license", default="apache-2.0", help="license in the card's metadata (default apache-2.0)")
+    u.add_argument("--message", help="commit message")
+    u.add_argument("--out", metavar="DIR", help="write the files (and the card) to DIR instead of uploading")
+
+    v = command(sub, "serve", commands.cmd_serve, "a playground page: fill blanks or continue a prompt, watch the "
+                                                  "denoising")
+    v.add_argument("path", help="run folder, model folder or Hub repo id")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--max-steps", type=int, default=1000, help="the most sampling steps a request may ask for")
     return p
 
 

@@ -272,3 +272,21 @@ def cmd_inspect(args) -> None:
     print(f"unmask last (smallest w): {show(order[::-1][:k])}")
     print(f"all, first to last: {' '.join(label for label, _ in order)}")
     print(f"exponents plot: {path}")
+
+
+def cmd_push(args) -> None:
+    from md4 import publish
+
+    if args.out:
+        print(f"model files and card written to {publish.stage(args.run, args.repo_id, args.out, args.license)}")
+        return
+    url = publish.push(args.run, args.repo_id, private=args.private, license=args.license, message=args.message)
+    print(f"pushed to {url}")
+
+
+def cmd_serve(args) -> None:
+    from md4 import serve
+
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port must lie in 0..65535, got {args.port}.")
+    serve.serve(args.path, host=args.host, port=args.port, device=args.device, max_steps=args.max_steps)

@@ -103,6 +103,7 @@ class TrainConfig:
     schedule_lr_scale: float = 1.0
     schedule_weight_decay: float = 0.0  # GenMD4: decays log w, i.e. pulls w towards 1 (linear)
     label_dropout: float = 0.1  # class-conditional models: P(label -> null label), for classifier-free guidance
+    log: list[str] = field(default_factory=list)  # sinks besides metrics.jsonl (md4.logsinks); [] = tensorboard if installed
 
     def __post_init__(self):
         _check_positive(self, "train", ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "ckpt_every"))
@@ -161,6 +162,10 @@ def _coerce(value, typ, key: str):
         return value
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if typing.get_origin(typ) is list and isinstance(value, (str, list)):  # [a, b], or "a,b" on the command line
+        items = value.split(",") if isinstance(value, str) else value
+        if all(isinstance(v, str) for v in items):
+            return [v.strip() for v in items if v.strip()]
     if typ is str and isinstance(value, (str, int, float, bool)):
         return str(value).lower() if isinstance(value, bool) else str(value)
     raise UserError(f"Config key {key} expects a value of type {typ.__name__}, got {value!r}.")

@@ -40,6 +40,8 @@ class MD4(Method):
     and move like any other module; MD4 itself has no parameters.
     """
 
+    description = "MD4: masked (absorbing) diffusion with one masking schedule for all tokens (Shi et al. 2024)"
+
     def __init__(self, vocab_size: int, schedule: schedules.Schedule | str = "linear"):
         super().__init__(vocab_size)
         self.schedule = schedules.get(schedule) if isinstance(schedule, str) else schedule
@@ -64,16 +66,19 @@ class MD4(Method):
         timesteps: int = 0,
         generator=None,
         t: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One-sample unbiased estimate of the negative ELBO of each sequence: [B] nats.
 
         The skeleton every masked method shares: times t [B] (antithetic across the batch unless
         `t` is given, in [0, 1)) -> `bound_times` -> x_t ~ q(x_t | x_0) -> one denoiser call ->
-        `masked_terms` (the integrand, from the hook of each method) + `constant_terms`."""
+        `masked_terms` (the integrand, from the hook of each method) + `constant_terms`.
+        known [B, N] bool: the conditional bound on -log p(x_0[~known] | x_0[known]): known positions
+        are never masked, and the sums (and N) run over the other positions only."""
         B, N = x0.shape
         t = self.bound_times(antithetic_times(B, generator, x0.device) if t is None else t, timesteps)
-        xt = self.forward_sample(x0, t, generator)
-        return self.masked_terms(denoiser(xt, t), x0, xt, t, timesteps) + self.constant_terms(N)
+        xt = given(self.forward_sample(x0, t, generator), x0, known)
+        return self.masked_terms(denoiser(xt, t), x0, xt, t, timesteps) + self.constant_terms(free_positions(N, known))
 
     def bound_times(self, t: torch.Tensor, timesteps: int = 0) -> torch.Tensor:
         """The times [B] at which the bound is evaluated: t itself in continuous time; for
@@ -94,8 +99,9 @@ class MD4(Method):
             weight = -self.schedule.weight(t)
         return weight * masked_cross_entropy(logits, x0, xt, self.mask_id)
 
-    def constant_terms(self, length: int) -> float:
-        """The terms of the bound that no network changes, in nats: here the reconstruction term."""
+    def constant_terms(self, length: int | torch.Tensor) -> float | torch.Tensor:
+        """The terms of the bound that no network changes, in nats, for `length` free positions
+        (an int, or [B]): here the reconstruction term."""
         return self.reconstruction(length)
 
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator=None) -> torch.Tensor:
@@ -136,4 +142,14 @@ class MD4(Method):
 
         return sampling.sample(self, denoiser, num_samples, length, steps=steps, grid=grid,
                                generator=generator, device=device, **kwargs)
+
+
+def given(xt: torch.Tensor, x0: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """x_t with the `known` positions ([B, N] bool, or None) unmasked: x_0 there, for conditional bounds."""
+    return xt if known is None else torch.where(known, x0, xt)
+
+
+def free_positions(length: int, known: torch.Tensor | None) -> int | torch.Tensor:
+    """The number of positions a bound covers: N, or [B] the positions not `known` ([B, N] bool)."""
+    return length if known is None else (~known).sum(-1)
 

@@ -29,15 +29,19 @@ from md4.judge import generative_perplexity
 @torch.no_grad()
 def sequence_nelbo(diffusion, denoiser, chunks: torch.Tensor, mc_samples: int = 1, batch_size: int = 32,
                    timesteps: int = 0, seed: int = 0, device=None, progress: bool = False,
-                   autocast_dtype=None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                   autocast_dtype=None, labels: torch.Tensor | None = None,
+                   known: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence NELBO in nats, averaged over `mc_samples` stratified draws of t: [M] float64.
-    labels [M] long: class labels for a class-conditional network (its NELBO of x given y)."""
+    labels [M] long: class labels for a class-conditional network (its NELBO of x given y).
+    known [M, N] bool: positions given, not scored (the bound on the others given them)."""
     device = torch.device(device or "cpu")
     g = torch.Generator(device).manual_seed(seed)
     out = []
     bar = tqdm(total=len(chunks) * mc_samples, desc="evaluating", unit="seq", disable=not progress, leave=False)
-    label_batches = labels.split(batch_size) if labels is not None else [None] * len(chunks.split(batch_size))
-    for x0, y in zip(chunks.split(batch_size), label_batches):
+    def batches(rows):
+        return rows.split(batch_size) if rows is not None else [None] * len(chunks.split(batch_size))
+
+    for x0, y, kn in zip(chunks.split(batch_size), batches(labels), batches(known)):
         x0 = x0.to(device)
         net = with_labels(denoiser, None if y is None else y.to(device))
         u = torch.rand(len(x0), generator=g, device=device)
@@ -45,7 +49,8 @@ def sequence_nelbo(diffusion, denoiser, chunks: torch.Tensor, mc_samples: int = 
         for k in range(mc_samples):
             t = torch.remainder(u + k / mc_samples, 1.0)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                total += diffusion.nelbo(net, x0, timesteps=timesteps, generator=g, t=t).double()
+                total += diffusion.nelbo(net, x0, timesteps=timesteps, generator=g, t=t,
+                                         known=None if kn is None else kn.to(device)).double()
             bar.update(len(x0))
         out.append((total / mc_samples).cpu())
     bar.close()
@@ -88,10 +93,7 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
         chunks = chunks[:limit]
         labels = labels[:limit] if labels is not None else None
     exact = model.method.exact_likelihood
-    if timesteps and model.method.continuous_time_only:
-        raise UserError(f"A {model.config.method} model has a continuous-time bound only; leave --timesteps at 0.")
-    if exact:
-        mc_samples, timesteps = 1, 0  # the likelihood is exact: one pass, no time
+    mc_samples, timesteps = bound_options(model, mc_samples, timesteps)
     nelbo = sequence_nelbo(model.method, model.net, chunks, mc_samples=mc_samples, batch_size=batch_size,
                            timesteps=timesteps, seed=seed, device=model.device, progress=progress, labels=labels)
     bad = int((~torch.isfinite(nelbo)).sum())
@@ -103,6 +105,19 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
             "mc_samples": mc_samples, "timesteps": timesteps, "bound": bound_name(timesteps, exact),
             "unit": "bits/dim" if image else "bits/token", "class_conditional": labels is not None,
             **summarize(nelbo, model.length)}
+
+
+def bound_options(model, mc_samples: int, timesteps: int) -> tuple[int, int]:
+    """(mc_samples, timesteps) to evaluate a loaded model with, checked: 1 and 0 for a method with
+    an exact likelihood (one pass, no time); a UserError for a discrete-time bound of a method
+    whose bound is in continuous time only."""
+    if mc_samples < 1 or timesteps < 0:
+        raise UserError(f"mc_samples must be at least 1 and timesteps at least 0, got {mc_samples} and {timesteps}.")
+    if model.method.exact_likelihood:
+        return 1, 0
+    if timesteps and model.method.continuous_time_only:
+        raise UserError(f"A {model.config.method} model has a continuous-time bound only; leave timesteps at 0.")
+    return mc_samples, timesteps
 
 
 def bound_name(timesteps: int, exact: bool = False) -> str:

@@ -88,6 +88,7 @@ class GenMD4(MD4):
     The denoiser is called with the same t the schedule is evaluated at (no time rescaling).
     """
 
+    description = "GenMD4: masked diffusion with a learned masking schedule per token (Shi et al. 2024)"
     shared_schedule = False  # alpha_t is [*t.shape, V]: the jump and confidence samplers do not apply
 
     def __init__(self, vocab_size: int, w=None):

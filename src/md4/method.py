@@ -4,7 +4,8 @@ A method (MD4, GenMD4, SEDD, the AR baseline) is an nn.Module over a vocabulary 
 (id V is the mask, or AR's BOS) that takes any `denoiser(x_t, t) -> logits [B, N, V]` and gives
 
     loss(denoiser, x0, generator)                        scalar, nats per sequence (training)
-    nelbo(denoiser, x0, timesteps, generator, t)         [B] nats (a bound, or the exact NLL)
+    nelbo(denoiser, x0, timesteps, generator, t, known)  [B] nats (a bound, or the exact NLL;
+                                                         known [B, N] bool: of the rest given these)
     sample(denoiser, num_samples, length, ...)           [num_samples, length] long
 
 Its own parameters (GenMD4's learnable schedule) train and save with the network. What it can do
@@ -20,6 +21,9 @@ from torch import nn
 
 class Method(nn.Module):
     """Base class of the training methods; subclasses override the capabilities they change."""
+
+    #: what the method is, in one line (a model card's first sentence says "A <description> model")
+    description: str = ""
 
     #: the network must be causal: position n sees only positions <= n (the AR baseline)
     causal: bool = False
@@ -51,7 +55,7 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def nelbo(self, denoiser, x0: torch.Tensor, timesteps: int = 0, generator=None,
-              t: torch.Tensor | None = None) -> torch.Tensor:
+              t: torch.Tensor | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def sample(self, denoiser, num_samples: int, length: int, **kwargs) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from md4 import checkpoint
+from md4 import checkpoint, hub
 from md4.build import TOKENIZERS, Bundle, build, resolve_device, upgrade_weights
 from md4.config import Config, from_dict
 from md4.errors import UserError
@@ -179,9 +179,10 @@ def read_model_config(folder: Path) -> tuple[Config, object]:
     return cfg, tokenizer
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """Load a model folder (or the `model/` folder of a run) for evaluation and sampling."""
-    folder = model_folder(Path(path))
+def load(path: str | Path, device: str | torch.device = "cpu", revision: str | None = None) -> Pretrained:
+    """Load a model folder (or the `model/` folder of a run), or a Hugging Face Hub repo id
+    ("org/name", "org/name@revision"; md4.hub), for evaluation and sampling."""
+    folder = model_folder(hub.resolve(path, revision))
     cfg, tokenizer = read_model_config(folder)
     method, net = build(cfg, tokenizer.vocab_size)
     weights = upgrade_weights(checkpoint.read_weights(folder / "model.safetensors"))

@@ -95,6 +95,7 @@ class SEDD(MD4):
     """SEDD absorbing with the log-linear schedule; shares MD4's forward process (mask each token
     with probability 1 - exp(-sigma_bar(t))) and sampler loop, with its own loss and reverse step."""
 
+    description = "SEDD absorbing: score-entropy discrete diffusion with the log-linear schedule (Lou et al. 2024)"
     continuous_time_only = True
     predicts_mean = False  # the network gives score ratios: only samplers that use reverse_step apply
 

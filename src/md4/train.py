@@ -23,11 +23,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from md4 import checkpoint, distributed
-from md4.config import Config
 from md4.build import Bundle, build, model_metadata, upgrade_optimizer, upgrade_weights
+from md4.config import Config
 from md4.data import check_labels, eval_chunks, load_corpus
 from md4.errors import UserError
 from md4.evaluate import sequence_nelbo, summarize
+from md4.logsinks import Metrics
 
 
 def lr_at(step: int, cfg) -> float:
@@ -61,42 +62,6 @@ def make_optimizer(model: Bundle, cfg, device: torch.device) -> torch.optim.Adam
     if own:
         groups.append({"params": own, "weight_decay": cfg.schedule_weight_decay, "lr_scale": cfg.schedule_lr_scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-
-
-class Metrics:
-    """metrics.jsonl (one JSON object per line), plus TensorBoard events when installed."""
-
-    def __init__(self, run_dir: Path, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
-        kept = []
-        if self.path.exists():  # drop what a killed run logged after its last checkpoint
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if rec.get("step", 0) <= resume_step:
-                    kept.append(line)
-        checkpoint.write_text_atomic(self.path, "".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
-        except Exception:  # tensorboard not installed
-            self.tb = None
-
-    def log(self, step: int, **values) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
-        if self.tb:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb:
-            self.tb.close()
 
 
 class NoMetrics:
@@ -173,9 +138,9 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
         if device.type == "cuda" and "cuda_rng" in st:
             torch.cuda.set_rng_state(checkpoint.decode_state(st["cuda_rng"]), device)
     par.barrier()  # every rank has read the checkpoint before rank 0 writes anything
+    metrics = Metrics(run_dir, step, tc.log, cfg.to_dict()) if par.main else NoMetrics()  # md4.logsinks
     if par.main:
         checkpoint.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    metrics = Metrics(run_dir, step) if par.main else NoMetrics()
 
     def save(step: int) -> None:
         state = {"data_rng": checkpoint.encode_state(data_gen.get_state()),
@@ -252,8 +217,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     states = par.state_dicts(model, ema, opt) if par.mode == "fsdp" else (None, ema.state_dict(), None)
     if par.main:
         tok = corpus.tokenizer
-        checkpoint.save_model(model_dir, model_metadata(cfg, V, getattr(tok, "name", "char"),
-                                                        getattr(tok, "args", dict)()), states[1])
+        checkpoint.save_model(model_dir, model_metadata(cfg, V, tok.name, tok.args()), states[1])
         plot_curves(run_dir)
     par.barrier()
     return model_dir

@@ -11,13 +11,14 @@ fits before the global deadline is skipped and says so):
   device      the GPU, torch, and the attained bf16 matmul rate (an n x n x n product)
   numerics    MD4-S loss and gradients on the GPU and on the CPU in fp32 for the same batch, x_t
               and t (largest relative difference); `cached` sampling equal to `ancestral` on the GPU
-  tests       the test suite's CUDA paths (tests/test_cuda.py, skipped without a GPU)
   throughput  MD4-S (12 x 768, V = 50257, L = 1024) bf16 training, eager, fused AdamW: tokens/s and
               MFU against the attained matmul rate and against the 989 TFLOP/s dense bf16 spec at
               micro-batches 1, 2, 4, ... up to the largest that fits, peak memory (bench/gpu_throughput.py)
   profile     torch.profiler over training steps at the fastest micro-batch: where the time goes
   compile     the same with torch.compile at that micro-batch (compile time, speed-up)
   data        the plays as GPT-2 BPE shards (md4 data prepare)
+  tests       the test suite's CUDA paths (tests/test_cuda.py, skipped without a GPU); with
+              --isolate (the default on a GPU) it runs alongside `train`, being mostly CPU work
   train       MD4-S trained for 3 minutes on them (loss must fall), evaluated, sampled
   sampling    tokens/s of the ancestral, cached and jump samplers at length 1024
   distributed a few training steps through torchrun on one GPU, DDP and FSDP2 at once
@@ -41,6 +42,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,10 +94,16 @@ class Context:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def full(self) -> bool:
+        """The GPU's recipe (MD4-S presets, timed training), whatever the sizes; else the tiny one."""
+        return not self.args.tiny
+
     def row(self, check: str, status: str, result: str, **data) -> None:
+        """One row of the table, in the section's file (work/rows-SECTION.jsonl), also from a child process."""
         r = {"section": self.section, "check": check, "status": status, "result": result, **data}
         self.rows.append(r)
-        with open(self.work / "rows.jsonl", "a") as f:
+        with open(self.work / f"rows-{self.section}.jsonl", "a") as f:
             f.write(json.dumps(r, default=str) + "\n")
 
     def save(self, name: str, value) -> None:
@@ -107,16 +115,16 @@ class Context:
 
     def detail(self, text: str) -> None:
         """Text printed after the table (profiles, samples)."""
-        with open(self.work / "details.txt", "a") as f:
+        with open(self.work / f"details-{self.section}.txt", "a") as f:
             f.write(f"## {self.section}\n{text.rstrip()}\n\n")
 
     def model_args(self, **over) -> SimpleNamespace:
         """The options bench/gpu_throughput.py's functions read, at this run's sizes."""
         s = self.size
-        batches = "auto" if self.cuda else ",".join(str(2**k) for k in range(1, 10) if 2**k <= s["max_batch"])
-        return SimpleNamespace(vocab=s["vocab"], length=s["length"], layers=s["layers"], dim=s["dim"],
-                               heads=s["heads"], compile=False, warmup=s["warmup"], steps=s["steps"],
-                               max_batch=s["max_batch"], batches=batches, **over)
+        batches = "auto" if self.full else ",".join(str(2**k) for k in range(1, 10) if 2**k <= s["max_batch"])
+        opts = dict(vocab=s["vocab"], length=s["length"], layers=s["layers"], dim=s["dim"], heads=s["heads"],
+                    compile=False, warmup=s["warmup"], steps=s["steps"], max_batch=s["max_batch"], batches=batches)
+        return SimpleNamespace(**{**opts, **over})
 
 
 class SectionTimeout(Exception):
@@ -352,7 +360,7 @@ def sec_compile(ctx: Context) -> None:
     spec = t["flops_per_token"] * r["tokens_s"] / (SPEC_TFLOPS * 1e12)
     speed = r["tokens_s"] / t["tokens_s"] if batch == t["best"] else float("nan")
     peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
-    ctx.row(f"bf16 training, torch.compile, micro-batch {batch}", "INFO",
+    ctx.row(f"{'bf16' if ctx.cuda else 'fp32'} training, torch.compile, micro-batch {batch}", "INFO",
             f"{r['tokens_s']:,.0f} tokens/s ({speed:.2f}x eager), MFU {mfu:.1%} of attained "
             f"({'meets' if mfu >= MFU_TARGET else 'below'} the {MFU_TARGET:.0%} target), {spec:.1%} of "
             f"{SPEC_TFLOPS:.0f}; compile + warm-up {r['warmup_s']:.0f} s; {peak}", **r, mfu=mfu, mfu_spec=spec)
@@ -405,11 +413,14 @@ def corpus_or_skip(ctx: Context) -> str:
 def train_sets(ctx: Context, corpus: str, **over) -> list[str]:
     """--set overrides for a short run on the plays: MD4-S (tiny: the tiny preset at length 64)."""
     s = ctx.size
-    sets = {"data.corpus": corpus, "train.batch_size": s["train_batch"], "train.log_every": 1 if not ctx.cuda else 10,
-            "train.warmup": 2 if not ctx.cuda else 100, "train.ema": 0.0 if not ctx.cuda else 0.99,
+    sets = {"data.corpus": corpus, "data.length": s["length"], "model.dim": s["dim"], "model.layers": s["layers"],
+            "model.heads": s["heads"], "train.batch_size": s["train_batch"], "train.log_every": 10 if ctx.full else 1,
+            "train.warmup": 100 if ctx.full else 2, "train.ema": 0.99 if ctx.full else 0.0,
             "train.eval_batches": 1, "train.keep": 1, "train.log": "[]"}
+    if not ctx.full:
+        sets["train.lr"] = 3e-3
     if not ctx.cuda:
-        sets.update({"data.length": s["length"], "train.threads": 1, "train.lr": 3e-3})
+        sets["train.threads"] = 1
     sets.update(over)
     return [f"{k}={v}" for k, v in sets.items()]
 
@@ -431,9 +442,10 @@ def sec_train(ctx: Context) -> None:
     corpus = corpus_or_skip(ctx)
     s = ctx.size
     minutes = s["train_minutes"]
-    if ctx.cuda:  # what is left of this section's time, less a minute for start, eval and samples
-        minutes = max(0.5, min(minutes, (ctx.args.section_deadline - time.time() - 60) / 60))
-        steps, micro = 10**6, min(s["train_batch"], (ctx.load("throughput") or {}).get("largest", 32))
+    if ctx.full:  # what is left of this section's time, less a minute for start, eval and samples
+        minutes = min(minutes, max(0.5, (ctx.args.section_deadline - time.time() - 60) / 60))
+        largest = (ctx.load("throughput") or {}).get("largest", 32)
+        steps, micro = 10**6, math.gcd(s["train_batch"], min(s["train_batch"], largest))
         sets = train_sets(ctx, corpus, **{"train.max_minutes": round(minutes, 2), "train.steps": steps,
                                            "train.micro_batch": micro, "train.eval_every": 10**6,
                                            "train.ckpt_every": 10**6})
@@ -500,7 +512,7 @@ def sec_distributed(ctx: Context) -> None:
                                               "train.eval_every": s["dist_steps"], "train.ckpt_every": s["dist_steps"],
                                               "train.warmup": 2, "train.ema": 0.0})
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-                   "-m", "md4", "train", "--config", "owt-md4-small" if ctx.cuda else "tiny",
+                   "-m", "md4", "train", "--config", "owt-md4-small" if ctx.full else "tiny",
                    "--out", str(ctx.work / f"{mode}-run"), "--quiet"] + [a for x in sets for a in ("--set", x)]
             log = open(ctx.work / f"{mode}.out", "w")
             procs[mode] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_env()),
@@ -543,16 +555,17 @@ def distributed_row(ctx: Context, mode: str, returncode: int, seconds: float) ->
 class Section:
     run: Callable[[Context], None]
     limit: float  # seconds on the GPU (the tiny CPU run scales it down)
+    background: bool = False  # with --isolate: runs alongside the sections after it (GPU-light work)
 
 
 SECTIONS: dict[str, Section] = {
     "device": Section(sec_device, 60),
     "numerics": Section(sec_numerics, 90),
-    "tests": Section(sec_tests, 150),
     "throughput": Section(sec_throughput, 150),
     "profile": Section(sec_profile, 60),
     "compile": Section(sec_compile, 180),
     "data": Section(sec_data, 90),
+    "tests": Section(sec_tests, 240, background=True),  # mostly CPU work: during the 3-minute training
     "train": Section(sec_train, 260),
     "sampling": Section(sec_sampling, 90),
     "distributed": Section(sec_distributed, 150),
@@ -609,40 +622,75 @@ def run_here(ctx: Context, name: str, limit: float, budget: float | None = None)
             torch.cuda.empty_cache()
 
 
-def run_isolated(ctx: Context, name: str, limit: float, grace: float = 10.0) -> None:
-    """Run one section in a child process (a fresh CUDA context; a hang or a crash is its own): it
-    stops itself after `limit` seconds (SIGALRM), and is killed with its process group `grace`
-    seconds later if it has not (a hang inside a GPU call); its rows come back through rows.jsonl."""
-    before = len(read_rows(ctx.work))
+@dataclass
+class Job:
+    """A section running in its own process."""
+
+    name: str
+    proc: subprocess.Popen
+    log: object
+    limit: float
+    grace: float
+    log_started: float = field(default_factory=time.time)
+
+
+def start_isolated(ctx: Context, name: str, limit: float, grace: float = 10.0) -> Job:
+    """Start one section in a child process (a fresh CUDA context; a hang or a crash is its own):
+    it stops itself after `limit` seconds (SIGALRM), and `finish` kills it with its process group
+    `grace` seconds later if it has not (a hang inside a GPU call)."""
+    a = ctx.args
     cmd = [sys.executable, str(Path(__file__).resolve()), "--run-section", name, "--work", str(ctx.work),
            "--device", str(ctx.device), "--section-deadline", str(time.time() + limit), "--section-seconds",
            str(limit)]
-    cmd += ["--tiny"] * ctx.args.tiny + (["--data-dir", ctx.args.data_dir] if ctx.args.data_dir else [])
-    cmd += ["--compile-cpu"] * ctx.args.compile_cpu
+    cmd += ["--tiny"] * a.tiny + ["--full"] * a.full + ["--compile-cpu"] * a.compile_cpu
+    cmd += (["--data-dir", a.data_dir] if a.data_dir else []) + [x for kv in a.size for x in ("--size", kv)]
     log = open(ctx.work / f"{name}.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
                             start_new_session=True)
+    return Job(name, proc, log, limit, grace)
+
+
+def finish(ctx: Context, job: Job) -> None:
+    """Wait for a section's process (killing it after its limit and grace) and add a row for a
+    kill or a crash that left none."""
     try:
-        proc.wait(timeout=limit + grace)
+        job.proc.wait(timeout=max(job.limit + job.grace - (time.time() - job.log_started), 0.1))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(job.proc.pid, signal.SIGKILL)
+        job.proc.wait()
     finally:
-        log.close()
-    rows = read_rows(ctx.work)[before:]
-    ctx.rows.extend(rows)
-    ctx.section = name
-    if proc.returncode == -signal.SIGKILL and not any(r["status"] == "TIMEOUT" for r in rows):
-        ctx.row("-", "TIMEOUT", f"killed {grace:.0f} s after its limit of {limit:.0f} s"
+        job.log.close()
+    rows = section_rows(ctx.work, job.name)
+    ctx.section = job.name
+    if job.proc.returncode == -signal.SIGKILL and not any(r["status"] == "TIMEOUT" for r in rows):
+        ctx.row("-", "TIMEOUT", f"killed {job.grace:.0f} s after its limit of {job.limit:.0f} s"
                 + (f" ({len(rows)} row(s) before)" if rows else ""))
-    elif proc.returncode != 0 and not rows:
-        tail = (ctx.work / f"{name}.log").read_text(errors="replace").strip().splitlines() or ["no output"]
-        ctx.row("-", "ERROR", f"exit status {proc.returncode}: {tail[-1][:300]}")
+    elif job.proc.returncode != 0 and not rows:
+        tail = (ctx.work / f"{job.name}.log").read_text(errors="replace").strip().splitlines() or ["no output"]
+        ctx.row("-", "ERROR", f"exit status {job.proc.returncode}: {tail[-1][:300]}")
 
 
-def read_rows(work: Path) -> list[dict]:
-    path = work / "rows.jsonl"
+def section_rows(work: Path, name: str) -> list[dict]:
+    path = work / f"rows-{name}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def collect(ctx: Context, jobs: list, seconds: dict, wait: bool) -> list:
+    """Finish the background jobs that have ended (all of them with `wait`); the others remain."""
+    left = []
+    for job, t0 in jobs:
+        if wait or job.proc.poll() is not None:
+            finish(ctx, job)
+            seconds[job.name] = time.time() - t0
+            report(ctx.work, job.name, seconds[job.name])
+        else:
+            left.append((job, t0))
+    return left
+
+
+def report(work: Path, name: str, seconds: float) -> None:
+    statuses = ", ".join(r["status"] for r in section_rows(work, name))
+    print(f"[gpu_check] {name}: {statuses} ({seconds:.1f} s)", file=sys.stderr, flush=True)
 
 
 def table(rows: list[dict]) -> str:
@@ -652,9 +700,24 @@ def table(rows: list[dict]) -> str:
                      + ["| " + " | ".join(c) + " |" for c in cells])
 
 
+def sizes(args) -> dict:
+    """TINY or FULL with the --size overrides (numbers)."""
+    size = dict(TINY if args.tiny else FULL)
+    for kv in args.size:
+        key, _, value = kv.partition("=")
+        if key not in size:
+            raise SystemExit(f"gpu_check: unknown size {key!r}; choose from {', '.join(size)}")
+        size[key] = type(size[key])(float(value)) if isinstance(size[key], int) else float(value)
+    return size
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny sizes (the default without CUDA)")
+    p.add_argument("--full", action="store_true", help="the GPU's recipe even without CUDA (with --size, to try it "
+                                                       "on a CPU)")
+    p.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a size, e.g. train_minutes=1; keys: {', '.join(FULL)}")
     p.add_argument("--device", default="auto")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, of: " + ", ".join(SECTIONS))
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
@@ -682,8 +745,8 @@ def main(argv=None) -> int:
     from md4.build import resolve_device
 
     device = resolve_device(args.device)
-    args.tiny = args.tiny or device.type != "cuda"
-    size = TINY if args.tiny else FULL
+    args.tiny = args.tiny or (device.type != "cuda" and not args.full)
+    size = sizes(args)
     if device.type == "cpu":  # tiny work: one thread (a second one spin-waits on a shared machine)
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -693,38 +756,48 @@ def main(argv=None) -> int:
         return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="md4-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    (work / "rows.jsonl").unlink(missing_ok=True)
-    (work / "details.txt").unlink(missing_ok=True)
+    for old in [*work.glob("rows-*.jsonl"), *work.glob("details-*.txt"), *work.glob("*.json")]:
+        old.unlink()  # a previous check's rows and state, in a --work folder used again
+    for folder in ("plays-gpt2", "train-run", "ddp-run", "fsdp-run"):
+        shutil.rmtree(work / folder, ignore_errors=True)
     ctx = Context(args, device, size, work)
     isolate = args.isolate if args.isolate is not None else device.type == "cuda"
     scale = 1.0 if device.type == "cuda" else 0.25
     start = time.time()
     deadline = start + (args.deadline or size["deadline"])
-    for name in args.sections.split(","):
-        limit = args.section_limit or SECTIONS[name].limit * scale
+    names = args.sections.split(",")
+    seconds, background = {}, []
+    for name in names:
         left = deadline - time.time()
-        before = len(ctx.rows)
+        limit = min(args.section_limit or SECTIONS[name].limit * scale, left)
         t0 = time.time()
-        print(f"[gpu_check] {name} (limit {min(limit, left):.0f} s) ...", file=sys.stderr, flush=True)
+        ctx.section = name
         if left < 5:
-            ctx.section = name
             ctx.row("-", "SKIP", f"no time left before the {deadline - start:.0f} s deadline")
+        elif isolate and SECTIONS[name].background:
+            print(f"[gpu_check] {name} started alongside the next sections (limit {limit:.0f} s)",
+                  file=sys.stderr, flush=True)
+            background.append((start_isolated(ctx, name, limit, args.grace), t0))
+            continue
         else:
-            args.section_deadline = time.time() + min(limit, left)
+            print(f"[gpu_check] {name} (limit {limit:.0f} s) ...", file=sys.stderr, flush=True)
+            args.section_deadline = time.time() + limit
             if isolate:
-                run_isolated(ctx, name, min(limit, left), args.grace)
+                finish(ctx, start_isolated(ctx, name, limit, args.grace))
             else:
-                run_here(ctx, name, min(limit, left))
-        for r in ctx.rows[before:]:
-            r["seconds"] = time.time() - t0
-        print(f"[gpu_check] {name}: " + ", ".join(r["status"] for r in ctx.rows[before:])
-              + f" ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
+                run_here(ctx, name, limit)
+        seconds[name] = time.time() - t0
+        report(work, name, seconds[name])
+        background = collect(ctx, background, seconds, wait=False)
+    collect(ctx, background, seconds, wait=True)
+    rows = [{**r, "seconds": seconds.get(n, 0.0)} for n in names for r in section_rows(work, n)]
+    ctx.rows = rows
     print(f"\n# gpu_check: {ctx.load('device', {}).get('name', device)}, torch {torch.__version__}, "
           f"{'tiny' if args.tiny else 'full'} sizes, {time.time() - start:.0f} s\n")
     print(table(ctx.rows))
-    details = work / "details.txt"
-    if details.is_file():
-        print("\n" + details.read_text())
+    details = "".join((work / f"details-{n}.txt").read_text() for n in names if (work / f"details-{n}.txt").is_file())
+    if details:
+        print("\n" + details)
     if args.json:
         Path(args.json).write_text(json.dumps(ctx.rows, indent=1, default=str))
     bad = [r for r in ctx.rows if r["status"] in BAD]

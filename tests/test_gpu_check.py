@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-SECTIONS = ["device", "numerics", "tests", "throughput", "profile", "compile", "data", "train", "sampling",
+SECTIONS = ["device", "numerics", "throughput", "profile", "compile", "data", "tests", "train", "sampling",
             "distributed"]
 
 

@@ -230,6 +230,24 @@ def test_resume_with_more_steps_extends_the_run(run_copy):
     assert json.loads((run_copy / "model" / "config.json").read_text())["config"]["train"]["steps"] == 30
 
 
+def test_resume_on_another_kind_of_device_reseeds_the_noise(tmp_path, run_copy):
+    """A checkpoint written on a GPU (a 16-byte CUDA generator state) resumes on the CPU, whose generator
+    state differs in kind: the noise generator is seeded from the saved bytes, so twice gives the same run."""
+    import base64
+
+    rewind(run_copy)
+    path = run_copy / "checkpoints" / "step_00000015" / "state.json"
+    state = json.loads(path.read_text())
+    state.update(noise_rng=base64.b64encode(bytes(range(16))).decode(), noise_device="cuda")
+    path.write_text(json.dumps(state))
+    again = tmp_path / "again"
+    shutil.copytree(run_copy, again)
+    for run in (run_copy, again):
+        assert main(["train", "--out", str(run), "--quiet"]) == 0
+    assert (run_copy / "model" / "model.safetensors").read_bytes() == (again / "model" / "model.safetensors").read_bytes()
+    assert json.loads((checkpoint.checkpoints(run_copy)[-1] / "state.json").read_text())["noise_device"] == "cpu"
+
+
 @pytest.mark.parametrize("options, keys", [
     (["--set", "train.lr=0.01"], ["train.lr"]),
     (["--set", "model.dim=64", "--set", "train.seed=3"], ["model.dim", "train.seed"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -22,10 +23,13 @@ def _torch_threads(n: int) -> None:
 
 
 def cmd_train(args) -> None:
+    """A new run takes --config (default: the demo preset); a resumed one its own config.yaml,
+    which --config and --set may change only in md4.config.RESUME_KEYS (md4.train checks)."""
     from md4.config import load_config
     from md4.train import train
 
-    cfg = load_config(args.config, args.set)
+    saved = Path(args.out) / "config.yaml"
+    cfg = load_config(args.config or (saved if saved.is_file() else "demo"), args.set)
     model_dir = train(cfg, args.out, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(f"model saved to {model_dir}")
@@ -416,7 +420,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (resumes a run folder that has a checkpoint)")
-    t.add_argument("--config", default="demo", help="preset name (tiny, demo, text8) or path to a YAML file")
+    t.add_argument("--config", default=None, help="preset name (tiny, demo, text8) or path to a YAML file "
+                                                  "(default: the run folder's config.yaml, else demo)")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. model.layers=4")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -496,12 +501,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# OS errors that the machine or the user's files cause, not this program: one sentence, exit 2
+ENVIRONMENT_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM,
+                      errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EIO}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.fn(args)
     except UserError as e:
         print(f"md4: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRORS:
+            raise
+        verb = "write" if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "use"
+        where = f" {e.filename}" if e.filename else " a file"
+        print(f"md4: error: Cannot {verb}{where}: {e.strerror or e}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("md4: interrupted", file=sys.stderr)

@@ -39,8 +39,9 @@ import torch
 from torch import nn
 
 from md4 import schedules
-from md4.diffusion import MD4, Denoiser, antithetic_times, categorical
+from md4.diffusion import MD4, Denoiser, antithetic_times
 from md4.errors import UserError
+from md4.truncation import NO_TRUNCATION, Truncation
 
 
 class LearnablePoly(nn.Module, schedules.Schedule):
@@ -215,20 +216,19 @@ class GenMD4(MD4):
         return (0.5 * (L1 + L2) + reinforce - reinforce.detach() + self.reconstruction(x0)).mean()
 
     # ----------------------------------------------------------------- reverse process
-    def reverse_step(self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None) -> torch.Tensor:
-        """Draw x_s ~ p(x_s | x_t), s < t, for the state-dependent forward process.
+    def reveal(self, logits: torch.Tensor, t: float, s: float, truncate: Truncation = NO_TRUNCATION):
+        """The reverse step for the state-dependent forward process (see MD4.reveal for the form).
 
         Given x_0 = j, a position masked at t was still unmasked at s with probability
-        (alpha_{s,j} - alpha_{t,j}) / (1 - alpha_{t,j}) (Bayes on the masking times). Replacing the
-        unknown x_0 by the denoiser's mu = E[x_0 | x_t] gives, for each masked position,
-            P(x_s = j)    = mu_j (alpha_{s,j} - alpha_{t,j}) / (1 - alpha_{t,j})
-            P(x_s = mask) = sum_j mu_j (1 - alpha_{s,j}) / (1 - alpha_{t,j})
-        (they sum to one). Unlike MD4, whether a position unmasks depends on which token it would
-        become. Unmasked positions stay. Computed and drawn in float64."""
-        with torch.no_grad():
-            a_t, a_s = (self.schedule.alpha(torch.tensor(v, dtype=torch.float64)).to(xt.device) for v in (t, s))
-            mu = torch.softmax(logits.double(), dim=-1)  # [B, N, V]
-            p_token = mu * ((a_s - a_t) / (1 - a_t))
-            p_stay = (mu * ((1 - a_s) / (1 - a_t))).sum(-1, keepdim=True)
-            draw = categorical(torch.cat([p_token, p_stay], -1).log(), generator)  # V = stay masked
-        return torch.where(xt == self.mask_id, draw, xt)
+        r_j = (alpha_{s,j} - alpha_{t,j}) / (1 - alpha_{t,j}) (Bayes on the masking times). Replacing
+        the unknown x_0 by the denoiser's mu = E[x_0 | x_t] gives, for each masked position,
+            P(x_s = j) = mu_j r_j,    P(x_s = mask) = sum_j mu_j (1 - alpha_{s,j}) / (1 - alpha_{t,j})
+        (they sum to one): P(unmask) = sum_j mu_j r_j, and the token given unmasking is proportional to
+        mu_j r_j. Unlike MD4, whether a position unmasks depends on which token it would become. With
+        truncation, P(unmask) stays the untruncated one and the token is proportional to mu'_j r_j,
+        mu' the truncated prediction. Computed in float64."""
+        a_t, a_s = (self.schedule.alpha(torch.tensor(v, dtype=torch.float64)).detach().to(logits.device)
+                    for v in (t, s))
+        r = (a_s - a_t) / (1 - a_t)  # [V]
+        p_unmask = (torch.softmax(logits.double(), dim=-1) * r).sum(-1)
+        return p_unmask, torch.log_softmax(truncate(logits), dim=-1) + r.log()

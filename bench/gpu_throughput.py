@@ -196,7 +196,8 @@ def main(argv=None) -> None:
     print(f"\n| micro-batch | dtype | tokens/s | step ms | MFU of the {dtype} matmul rate | peak GiB |\n"
           "|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {dtype} | {r['tokens_s']:,.0f} | {r['step_ms']:,.1f} | {r['mfu']:.1%} | {r['memory']} |")
+        print(f"| {r['batch']} | {dtype} | {r['tokens_s']:,.0f} | {r['step_ms']:,.1f} | {r['mfu']:.1%} "
+              f"| {r['memory']} |")
     print("RESULT " + json.dumps({"device": name, "dtype": dtype, "matmul_tflops": peak, "flops_per_token": flops,
                                   "train": rows, "largest_batch": rows[-1]["batch"], "sample": s}))
 

@@ -368,7 +368,8 @@ def test_loss_gradient_for_w_is_exactly_unbiased_given_t(monkeypatch):
             grad, = torch.autograd.grad(model.loss(den, x0, t=t), model.schedule.log_w)
             estimate += prob[i] * prob[j] * grad
             tt = time.expand(2)
-            L = (1 - model.t1) * model.masked_terms(den(xt, tt), x0.expand(2, -1), xt, tt).mean() + model.reconstruction(x0)
+            L = (1 - model.t1) * model.masked_terms(den(xt, tt), x0.expand(2, -1), xt, tt).mean()
+            L = L + model.reconstruction(x0).sum()
             no_reinforce += prob[i] * prob[j] * torch.autograd.grad(L, model.schedule.log_w)[0]
         torch.testing.assert_close(estimate, truth, rtol=1e-9, atol=1e-12)
         assert (no_reinforce - truth).abs().max() > 1e-3 * truth.abs().max()
@@ -560,8 +561,8 @@ def test_genmd4_needs_a_network_that_sees_t(corpus, tmp_path, capsys):
     assert build(load_config("demo", ["diffusion=genmd4", "model.time_cond=true"]), 27)[1].time_cond
     assert not build(load_config("demo"), 27)[1].time_cond  # MD4 keeps its time-independent network
     run = tmp_path / "run"
-    argv = ["train", "--config", "tiny", "--out", str(run), "--set", f"data.corpus={corpus}", "--set", "diffusion=genmd4",
-            "--quiet"]
+    argv = ["train", "--config", "tiny", "--out", str(run), "--set", f"data.corpus={corpus}",
+            "--set", "diffusion=genmd4", "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("md4: error: ") and len(err.strip().splitlines()) == 1 and "model.time_cond=true" in err

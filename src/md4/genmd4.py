@@ -7,9 +7,9 @@ Each token value i has its own learnable polynomial schedule, clipped like every
 
 so w = 1 for every token is exactly md4.schedules.Linear. A larger w_i keeps token i longer in
 the forward process, hence reveals it earlier in generation. (The reference code uses
-w = softplus(raw) and 1 - (1 - eps) t^w; the exponential keeps
-weight decay meaningful, pulling w towards the linear schedule, and the clipping above makes
-w = 1 match MD4 exactly. The family of schedules is the same.)
+w = softplus(raw) and 1 - (1 - eps) t^w; the exponential keeps weight decay meaningful, pulling
+w towards the linear schedule, and the clipping above makes w = 1 match MD4 exactly. The family
+of schedules is the same.)
 
 With lambda_{t,j} = -alpha'_{t,j} / (1 - alpha_{t,j}) >= 0 (for the polynomial, about w_j / t), the
 continuous-time NELBO of a sequence, with the lower time cut-off t1 of the reference code
@@ -21,13 +21,15 @@ continuous-time NELBO of a sequence, with the lower time cut-off t1 of the refer
 with i = x_0^n and mu^n = softmax of the denoiser's logits. The integrand is MATH.md's
 sum_j (alpha'_j / (1 - alpha_j)) [x_{0,j} - mu_j + x_{0,j} log mu_j] rewritten with sum_j mu_j = 1,
 so that the second term vanishes exactly when all w are equal (and L is MD4's). The last term is
-the reconstruction term for [0, t1]: a position still masked at t1 (probability 1 - alpha_{t1,i})
-is decoded with the data-independent guess d, which favours the tokens that mask early; with
-equal w, d is uniform and the term is MD4's N (1 - alpha) log V, taken at t1 instead of 0.
+the reconstruction term for [0, t1], as in the reference code: a position still masked at t1
+(probability 1 - alpha_{t1,i}) is decoded with the data-independent guess d, which favours the
+tokens that mask early; with equal w, d is uniform and the term is MD4's N (1 - alpha) log V,
+taken at t1 instead of 0.
 
 Why the cut-off: for w_j < 1 the rate lambda_{t,j} ~ w_j t^(w_j - 1) / eps is unbounded as t -> 0,
 and for w_j <= 0.5 the one-sample estimator's second moment diverges (its mean stays finite).
-On [t1, 1], lambda <= max_j lambda_{t1,j} ~ max_j w_j / t1. One-sample estimator: u ~ U(0,1)
+On [t1, 1] every rate is bounded: lambda_{t,j} <= lambda_{t1,j} ~ w_j / t1 for w_j <= 1 (it
+decreases in t), and for w_j > 1 it is bounded on all of [0, 1]. One-sample estimator: u ~ U(0,1)
 (antithetic across the batch), t = t1 + (1 - t1) u, L ~ (1 - t1) [integrand at t] + reconstruction.
 With t1 = 0 the bound and its estimator are exactly those of MD4's NELBO for equal w. The
 discrete-time bound (timesteps = T) has bounded terms and keeps the grid t = i/T without cut-off.

@@ -310,7 +310,7 @@ def test_no_time_below_t1_is_used_and_every_estimate_is_below_the_analytic_bound
     w_j <= 1, every masked position's term is at most max_j lambda_{t1,j} (log V + 1) (for any mu:
     -lambda_i log mu_i <= lambda_i log V with uniform mu, sum_j mu_j (lambda_j - lambda_i) <= max lambda),
     so every estimate is at most (1 - t1) N that + the reconstruction term: also at u = 0, the worst
-    draw, where the old code's estimate was about 1e22 for any position masked at t = 0."""
+    draw, where the old code's estimate was about 1e25 for any position masked at t = 0."""
     V, N, B = 2, 256, 256
     model = GenMD4(V, w=[0.4, 1.0])
     times = []

@@ -133,6 +133,6 @@ class SEDD(MD4):
         sb_t, sb_s = (self.schedule.sigma_bar(torch.tensor(v, dtype=torch.float64, device=logits.device))
                       for v in (t, s))
         log_score = log_ratio(logits).double() - torch.log(torch.expm1(sb_t))  # log s_y [..., V]
-        unmask = torch.expm1(sb_t - sb_s) * torch.logsumexp(log_score, dim=-1).exp()  # U [...]
-        stay = (-torch.expm1(-sb_s)) / (-torch.expm1(-sb_t))
-        return unmask / (unmask + stay), truncate(logits)
+        log_unmask = torch.log(torch.expm1(sb_t - sb_s)) + torch.logsumexp(log_score, dim=-1)  # log U [...]
+        log_stay = torch.log(-torch.expm1(-sb_s)) - torch.log(-torch.expm1(-sb_t))
+        return torch.sigmoid(log_unmask - log_stay), truncate(logits)  # U / (U + stay), without overflow

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from md4 import schedules
+from md4.truncation import NO_TRUNCATION, Truncation
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -95,18 +96,24 @@ class MD4(nn.Module):
         return self.nelbo(denoiser, x0, generator=generator).mean()
 
     # ----------------------------------------------------------------- reverse process
-    def reverse_step(
-        self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None
-    ) -> torch.Tensor:
-        """Draw x_s ~ p(x_s | x_t) for s < t. Masked positions unmask with probability
-        (alpha_s - alpha_t) / (1 - alpha_t) and then take token j with probability mu_j;
-        unmasked positions stay. Probabilities are computed and drawn in float64."""
+    def reveal(self, logits: torch.Tensor, t: float, s: float, truncate: Truncation = NO_TRUNCATION):
+        """The reverse step from t to s < t at a masked position, in two parts: (P(unmask) [...]
+        float64, broadcastable to the positions of logits [..., V]; the logits [..., V] of the token
+        it becomes, given that it unmasks). For MD4, P(unmask) = (alpha_s - alpha_t) / (1 - alpha_t)
+        and the token follows mu. Truncation (temperature, top-k, top-p) applies to the token only:
+        it changes which token is revealed, never when (issue 13, item 8)."""
         a_t, a_s = (self.schedule.alpha(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
-        p_unmask = (a_s - a_t) / (1 - a_t)
+        return ((a_s - a_t) / (1 - a_t)).to(logits.device), truncate(logits)
+
+    def reverse_step(self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None,
+                     truncate: Truncation = NO_TRUNCATION) -> torch.Tensor:
+        """Draw x_s ~ p(x_s | x_t) for s < t (logits: the denoiser's, untruncated). Each masked
+        position unmasks with `reveal`'s probability and then takes a token from its token logits;
+        unmasked positions stay. Probabilities are computed and drawn in float64."""
+        p_unmask, token_logits = self.reveal(logits, t, s, truncate)
         u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
-        reveal = (xt == self.mask_id) & (u < p_unmask.to(xt.device))
-        tokens = categorical(logits, generator)
-        return torch.where(reveal, tokens, xt)
+        unmask = (xt == self.mask_id) & (u < p_unmask)
+        return torch.where(unmask, categorical(token_logits, generator), xt)
 
     def posterior_sample(
         self, xt: torch.Tensor, x0: torch.Tensor, t: float, s: float, generator=None

@@ -33,7 +33,9 @@ from md4.validate import fail, field, known_keys, mapping, one_of
 # with loss(net, x0, generator) (scalar, nats per sequence), nelbo(net, x0, timesteps, generator, t)
 # ([B] nats) and sample(net, num_samples, length, ...); its parameters (a learnable schedule)
 # are trained with the network and saved with it. A class attribute `causal = True` asks for a
-# causal network. A class with a classmethod from_config(vocab_size, cfg) is built by it instead.
+# causal network, `needs_time_cond = True` for a network that sees t (a new model with
+# model.time_cond=false is refused). A class with a classmethod from_config(vocab_size, cfg) is
+# built by it instead.
 # Baselines (issue 4): "ar" (causal, exact likelihood) and "sedd" (score entropy, absorbing);
 # D3PM-absorb is "md4" evaluated with --timesteps 1000.
 METHODS = {"md4": MD4, "genmd4": GenMD4, "ar": AR, "sedd": SEDD}
@@ -72,9 +74,13 @@ def method_class(name: str):
     return METHODS[name]
 
 
-def build(cfg: Config, vocab_size: int) -> tuple[MD4, Transformer]:
-    """(diffusion model, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens."""
+def build(cfg: Config, vocab_size: int, saved: bool = False) -> tuple[MD4, Transformer]:
+    """(diffusion model, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens.
+    saved=True rebuilds a trained model as it was saved, without the checks for new models."""
     cls = method_class(cfg.method)
+    if getattr(cls, "needs_time_cond", False) and not cfg.model.time_cond and not saved:
+        raise UserError(f"Method {cfg.method} needs a network that sees t (its exact denoiser depends on t); "
+                        f"set model.time_cond=true.")
     from_config = getattr(cls, "from_config", None)
     diffusion = from_config(vocab_size, cfg) if from_config else cls(vocab_size, cfg.schedule)
     m = cfg.model
@@ -249,7 +255,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", revision: str | N
     ("org/name", "org/name@revision"; md4.hub), for evaluation and sampling."""
     folder = model_folder(hub.resolve(path, revision))
     cfg, tokenizer = read_model_config(folder)
-    diffusion, net = build(cfg, tokenizer.vocab_size)
+    diffusion, net = build(cfg, tokenizer.vocab_size, saved=True)
     weights = checkpoint.read_weights(folder / "model.safetensors")
     checkpoint.load_into(Bundle(diffusion, net), weights, folder)
     net.eval()

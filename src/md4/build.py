@@ -91,11 +91,17 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def build(cfg: Config, vocab_size: int) -> tuple[Method, Backbone]:
+def build(cfg: Config, vocab_size: int, saved: bool = False) -> tuple[Method, Backbone]:
     """(method, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens: the method
     from METHODS[cfg.method], the network from md4.nn.BACKBONES[cfg.model.arch], causal when the
-    method says so and told the image shape when the data are images."""
-    method = method_class(cfg.method).from_config(vocab_size, cfg)
+    method says so and told the image shape when the data are images. A method that needs time
+    conditioning refuses a new model without it; saved=True rebuilds a trained model as it was
+    saved, without the checks for new models."""
+    cls = method_class(cfg.method)
+    if cls.needs_time_cond and not cfg.model.time_cond and not saved:
+        raise UserError(f"Method {cfg.method} needs a network that sees t (its exact denoiser depends on t); "
+                        f"set model.time_cond=true.")
+    method = cls.from_config(vocab_size, cfg)
     corpus = cfg.data.corpus
     image_shape = tokenizer_for(corpus).shape if is_image_corpus(corpus) else None
     net = backbone_class(cfg.model.arch).from_config(vocab_size, cfg.model, length=cfg.data.length,

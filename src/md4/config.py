@@ -3,7 +3,9 @@
     cfg = load_config("demo", overrides=["model.layers=4", "train.lr=1e-3"])
 
 Presets live in md4/presets/*.yaml; a path to a YAML file works too. Unknown keys and values
-of the wrong type are user errors (one sentence, exit status 2 from the CLI).
+of the wrong type are user errors (one sentence, exit status 2 from the CLI). A run folder's
+config.yaml is the run's config: a resume may change only the keys in RESUME_KEYS
+(`check_resume`).
 """
 
 from __future__ import annotations
@@ -245,3 +247,43 @@ def _method_alias(data: dict, override: bool = False) -> None:
     if not override and "method" in data and str(data["method"]) != str(alias):
         raise UserError(f"Config keys method ({data['method']}) and diffusion ({alias}) disagree; set one of them.")
     data["method"] = alias
+
+
+# Keys that may differ between a run's config.yaml and the config it is resumed with, and why:
+RESUME_KEYS = (
+    # how long the run lasts (raise them to extend a run; the cosine decay is stretched from the
+    # resumed step on, so the extended run is not one that was planned that long from the start)
+    "train.steps", "train.max_minutes",
+    # what is logged, evaluated and kept: the training step reads none of them (evaluation uses its
+    # own seeded generator and the EMA weights), so the weights stay bit-identical on CPU
+    "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.keep", "train.log",
+    # how the same arithmetic runs: the data order, random draws and update rule are the same,
+    # float rounding may differ (moving to another kind of device reseeds the diffusion noise)
+    "train.threads", "train.device", "train.bf16", "train.compile",
+    # sampling defaults stored with the model; training never reads them
+    "sample.steps", "sample.grid", "sample.num",
+)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resume(saved: Config, asked: Config, source: str) -> None:
+    """UserError naming the keys outside RESUME_KEYS where `asked` differs from the run's `saved`
+    config (read from `source`, the run's config.yaml)."""
+    old, new = flatten(saved.to_dict()), flatten(asked.to_dict())
+    differ = [k for k in new if new[k] != old.get(k) and k not in RESUME_KEYS]
+    if differ:
+        values = ", ".join(f"{k} ({new[k]!r}, saved {old.get(k)!r})" for k in differ)
+        sections: dict[str, list[str]] = {}
+        for key in RESUME_KEYS:
+            section, name = key.split(".")
+            sections.setdefault(section, []).append(name)
+        allowed = " and ".join(f"{s}.{{{', '.join(names)}}}" for s, names in sections.items())
+        raise UserError(f"These options differ from the run's {source}: {values}; a resume may change only "
+                        f"{allowed}, so drop them (the saved config is used) or train in another folder.")

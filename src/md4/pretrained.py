@@ -184,7 +184,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", revision: str | N
     ("org/name", "org/name@revision"; md4.hub), for evaluation and sampling."""
     folder = model_folder(hub.resolve(path, revision))
     cfg, tokenizer = read_model_config(folder)
-    method, net = build(cfg, tokenizer.vocab_size)
+    method, net = build(cfg, tokenizer.vocab_size, saved=True)
     weights = upgrade_weights(checkpoint.read_weights(folder / "model.safetensors"))
     checkpoint.load_into(Bundle(method, net), weights, folder)
     net.eval()

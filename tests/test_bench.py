@@ -60,8 +60,23 @@ def test_gpu_throughput_auto_dtype_is_fp32_where_bf16_is_not_native(monkeypatch)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    import md4.train
+
+    monkeypatch.setattr(md4.train, "native_bf16_cpu", lambda: False)
     assert bench.pick_dtype("auto", cpu) == "fp32" and bench.pick_dtype("auto", gpu) == "bf16"
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(md4.train, "native_bf16_cpu", lambda: True)
     assert bench.pick_dtype("auto", cpu) == "bf16"
     assert bench.pick_dtype("fp32", gpu) == "fp32" and bench.pick_dtype("bf16", cpu) == "bf16"
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch):
+    """An AVX-512 CPU without the bf16 instructions (oneDNN would still say yes) runs fp32; a CPU with
+    AVX512-BF16 or AMX-BF16 runs bf16; an AVX2-only EPYC runs fp32."""
+    from md4.train import native_bf16_cpu
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert not native_bf16_cpu("flags : fpu sse avx2 avx512f avx512bw avx512vl avx512dq")
+    assert native_bf16_cpu("flags : fpu avx2 avx512f avx512_bf16")
+    assert native_bf16_cpu("flags : fpu avx2 amx_tile amx_bf16")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not native_bf16_cpu("flags : fpu avx2 fma")

@@ -252,7 +252,7 @@ def test_resume_on_another_kind_of_device_reseeds_the_noise(tmp_path, run_copy):
     (["--set", "train.lr=0.01"], ["train.lr"]),
     (["--set", "model.dim=64", "--set", "train.seed=3"], ["model.dim", "train.seed"]),
     (["--config", "tiny"], ["data.corpus"]),  # the case: the original --set options left out
-    (["--set", "diffusion=genmd4"], ["method"]),
+    (["--set", "diffusion=genmd4", "--set", "model.time_cond=true"], ["method", "model.time_cond"]),
 ])
 def test_resume_with_a_different_config_is_refused_naming_the_keys(run_copy, capsys, options, keys):
     before = snapshot(run_copy)

@@ -22,9 +22,9 @@ process would:
 Checkpoints keep the single-process format (safetensors weights, tensors-only optim.pt):
 DDP replicas are identical and rank 0 writes; FSDP gathers full state dicts to rank 0 through
 torch.distributed.checkpoint.state_dict (on CPU), and every rank loads full state dicts from the
-run folder (which must be on a filesystem all nodes see). FSDP shards each transformer block and
-the rest of the network (`fully_shard`); the EMA copy is sharded the same way and averaged shard
-by shard. A method's own parameters (a learnable schedule: small) stay replicated, their
+run folder (which must be on a filesystem all nodes see). FSDP shards each of the network's
+`shard_units()` (the transformer's blocks) and the rest of the network (`fully_shard`); the EMA
+copy is sharded the same way and averaged shard by shard. A method's own parameters (a learnable schedule: small) stay replicated, their
 gradients averaged by hand.
 """
 

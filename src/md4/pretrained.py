@@ -94,7 +94,7 @@ class Pretrained:
         temperature, top_k, top_p, block, callback, ...). With `block`, a sequence of any length is
         generated in windows of the training length. `labels` (int or [num]) and `guidance` for
         class-conditional models (classifier-free guidance)."""
-        limit = self.net.max_length
+        limit = self.net.max_len
         known = kwargs.get("known")
         if length is None:
             length = known.shape[-1] if known is not None else self.length

@@ -133,12 +133,12 @@ class UNet(nn.Module):
                  mults: tuple[int, ...] = (1,), res_blocks: int = 32, attn_res: tuple[int, ...] = (),
                  heads: int = 1, time_cond: bool = True, num_classes: int = 0, dropout: float = 0.1):
         super().__init__()
-        assert ch % 2 == 0 and len(mults) >= 1 and res_blocks >= 1
+        assert len(mults) >= 1 and res_blocks >= 1
         self.vocab_size, self.image_shape = vocab_size, tuple(int(v) for v in image_shape)
         self.time_cond, self.num_classes = time_cond, num_classes
         H, W, C = self.image_shape
         self.embed = nn.Embedding(vocab_size + 1, ch)  # + 1: the mask token, id vocab_size
-        cond_in = (ch if time_cond else 0) + (ch if num_classes else 0)
+        cond_in = (ch // 2 * 2 if time_cond else 0) + (ch if num_classes else 0)  # time features: even size
         if num_classes:  # + 1: the null label (unconditional), id num_classes
             self.label_embed = nn.Embedding(num_classes + 1, ch)
         self.cond_mlp = nn.Sequential(nn.Linear(cond_in, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, ch)) if cond_in else None

@@ -2,12 +2,17 @@
 
 import pytest
 import torch
+import yaml
 
-from md4 import MD4
+import md4
+from md4 import MD4, UserError
 from md4.checkpoint import load_into, read_weights, save_model
+from md4.cli import main
+from md4.config import Config, from_dict, load_config
 from md4.data.images import ImageTokenizer
 from md4.nn import UNet
 from md4.nn.unet import SelfAttention
+from md4.pretrained import build
 
 V, B = 7, 2
 
@@ -178,3 +183,51 @@ def test_safetensors_round_trip(tmp_path):
     assert not torch.equal(model(x, t), other(x, t))
     load_into(other, read_weights(tmp_path / "model.safetensors"), tmp_path)
     assert torch.equal(model(x, t), other(x, t))
+
+
+# ---- model.arch=unet: config keys, presets, build, end to end ----------------------------------
+
+
+def test_list_config_keys():
+    cfg = load_config("fashion-mnist-unet", ["model.unet_mults=[1, 2]", "model.unet_attn_res=7"])
+    assert cfg.model.unet_mults == [1, 2] and cfg.model.unet_attn_res == [7]
+    assert from_dict(Config, yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg  # config.yaml round trip
+    for bad in ("model.unet_mults=x", "model.unet_mults=[]", "model.unet_mults=[1, 0]", "model.arch=mlp"):
+        with pytest.raises(UserError):
+            load_config("fashion-mnist-unet", [bad])
+
+
+def test_cifar10_unet_preset_is_the_papers():
+    cfg = load_config("cifar10-unet")
+    m, t = cfg.model, cfg.train
+    assert (m.arch, m.unet_ch, m.unet_mults, m.unet_res_blocks, m.unet_attn_res) == ("unet", 128, [1], 32, [])
+    assert m.time_cond and m.dropout == 0.1 and cfg.schedule == "linear"
+    assert (t.lr, t.batch_size, t.steps, t.warmup, t.ema) == (2e-4, 256, 2_000_000, 100, 0.9999)
+    assert (t.beta2, t.weight_decay, t.grad_clip, t.min_lr_ratio) == (0.99, 0.01, 0.0, 0.0)
+    with torch.device("meta"):
+        _, net = build(cfg, 256)
+    assert isinstance(net, UNet) and net.num_params() == 28_427_520 and net.image_shape == (32, 32, 3)
+
+
+def test_build_chooses_the_backbone_and_rejects_what_a_unet_cannot_do():
+    _, net = build(load_config("fashion-mnist-unet", ["model.unet_ch=16", "model.unet_res_blocks=1"]), 256)
+    assert isinstance(net, UNet) and net.image_shape == (14, 14, 1) and net.num_classes == 10
+    assert net.max_len == 196 and not net.time_cond
+    _, net = build(load_config("fashion-mnist"), 256)
+    assert not isinstance(net, UNet) and net.max_len >= 196
+    for bad in (["data.corpus=shakespeare"], ["method=ar"], ["data.length=100"], ["model.unet_heads=3"]):
+        with pytest.raises(UserError):
+            build(load_config("fashion-mnist-unet", bad), 256)
+
+
+def test_train_eval_sample_a_unet(tmp_path, monkeypatch, capsys):
+    from test_image_cli import png_size, train_images
+
+    run = train_images(tmp_path, monkeypatch, "model.arch=unet", "model.unet_ch=16", "model.unet_res_blocks=1",
+                       "train.steps=4", "train.eval_every=4", "train.ckpt_every=4")
+    m = md4.load(run)
+    assert isinstance(m.net, UNet) and m.net.image_shape == (7, 7, 1)
+    assert main(["eval", str(run), "--split", "test"]) == 0
+    g = tmp_path / "g.png"
+    assert main(["sample", str(run), "--num", "4", "--label", "2", "--out", str(g)]) == 0
+    assert png_size(g) == (2 * 58 + 2, 2 * 58 + 2)

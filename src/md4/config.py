@@ -42,8 +42,9 @@ def _check_positive(section, prefix: str, names: tuple[str, ...]) -> None:
 
 @dataclass
 class ModelConfig:
-    """The transformer backbone (md4.nn.Transformer)."""
+    """The backbone: the transformer (md4.nn.Transformer) or, for images, the U-Net (md4.nn.UNet)."""
 
+    arch: str = "transformer"  # transformer or unet; time_cond, num_classes and dropout serve both
     dim: int = 256
     layers: int = 4
     heads: int = 4
@@ -54,9 +55,20 @@ class ModelConfig:
     dropout: float = 0.0
     num_classes: int = 0  # > 0: class-conditional (label embedding in the adaLN path); data must have labels
     pos2d: bool = False  # images: learned row/column/channel embeddings added to the tokens
+    # arch unet: width, width multiplier per resolution (each next one halves the image), residual
+    # blocks per resolution, feature-map heights with self-attention after each block, heads
+    unet_ch: int = 128
+    unet_mults: list[int] = field(default_factory=lambda: [1])
+    unet_res_blocks: int = 32
+    unet_attn_res: list[int] = field(default_factory=list)
+    unet_heads: int = 1
 
     def __post_init__(self):
-        _check_positive(self, "model", ("dim", "layers", "heads", "cond_dim"))
+        if self.arch not in ("transformer", "unet"):
+            raise UserError(f"Config key model.arch must be transformer or unet, got {self.arch!r}.")
+        _check_positive(self, "model", ("dim", "layers", "heads", "cond_dim", "unet_ch", "unet_res_blocks", "unet_heads"))
+        if not self.unet_mults or min(self.unet_mults) < 1:
+            raise UserError(f"Config key model.unet_mults must list widths of at least 1, got {self.unet_mults}.")
         _check_range(self, "model", "mlp_ratio", 0, low_open=True)
         _check_range(self, "model", "dropout", 0, 1, high_open=True)
 
@@ -150,6 +162,8 @@ def _coerce(value, typ, key: str):
                 value = float(value)
             except ValueError:
                 pass
+    if typing.get_origin(typ) is list:  # a YAML list, or one item
+        return [_coerce(v, typing.get_args(typ)[0], key) for v in (value if isinstance(value, list) else [value])]
     if typ is bool and isinstance(value, bool):
         return value
     if typ is int and isinstance(value, int) and not isinstance(value, bool):

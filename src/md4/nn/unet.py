@@ -20,6 +20,10 @@ Conditioning: the sinusoidal features of t (when `time_cond`) and a class-label 
 and sent through an MLP to c [B, ch]; every residual block adds a linear map of c to its
 features. The last layer of every residual branch (block and attention), the conditioning maps
 and the output convolution start at zero, so the network starts as a uniform predictor.
+
+Written from the description of the authors' JAX code (google-deepmind/md4: md4/networks/unet.py,
+md4/models/backward.py); it differs in the attention's output projection starting at zero and in
+narrow networks' GroupNorm groups (see `group_norm`).
 """
 
 from __future__ import annotations

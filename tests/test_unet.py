@@ -123,7 +123,7 @@ def test_class_conditioning():
     """Labels change the output; no labels means the null label (id num_classes)."""
     model = small(time_cond=False, num_classes=3)
     x, t = tokens(), torch.rand(B)
-    zero, one = model(x, t, labels=torch.zeros(B, dtype=torch.long)), model(x, t, labels=torch.ones(B, dtype=torch.long))
+    zero, one = (model(x, t, labels=torch.full((B,), k)) for k in (0, 1))
     assert (zero - one).abs().max() > 1e-3
     assert torch.equal(model(x, t), model(x, t, labels=torch.full((B,), 3)))
 

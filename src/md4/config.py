@@ -66,7 +66,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.arch not in ("transformer", "unet"):
             raise UserError(f"Config key model.arch must be transformer or unet, got {self.arch!r}.")
-        _check_positive(self, "model", ("dim", "layers", "heads", "cond_dim", "unet_ch", "unet_res_blocks", "unet_heads"))
+        _check_positive(self, "model", ("dim", "layers", "heads", "cond_dim",
+                                        "unet_ch", "unet_res_blocks", "unet_heads"))
         if not self.unet_mults or min(self.unet_mults) < 1:
             raise UserError(f"Config key model.unet_mults must list widths of at least 1, got {self.unet_mults}.")
         _check_range(self, "model", "mlp_ratio", 0, low_open=True)

@@ -36,13 +36,16 @@ class AR(nn.Module):
         return torch.cat([bos, x0[:, :-1]], dim=1)
 
     def nelbo(self, net, x0: torch.Tensor, timesteps: int = 0, generator=None,
-              t: torch.Tensor | None = None) -> torch.Tensor:
+              t: torch.Tensor | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
         """-log p(x0) of each sequence: [B] nats (exact; t and timesteps are ignored).
+        known [B, N] bool, a prefix of each row: -log p(x0[~known] | x0[known]), the sum of the
+        other positions' terms (exact when the known positions come first).
 
         The network is called with t = 0 (a time-conditioned backbone sees a constant)."""
         zeros = torch.zeros(x0.shape[0], device=x0.device)
         logp = torch.log_softmax(net(self.shift(x0), zeros).float(), dim=-1)
-        return -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1).sum(-1)
+        nll = -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        return (nll if known is None else nll.masked_fill(known, 0.0)).sum(-1)
 
     def loss(self, net, x0: torch.Tensor, generator=None) -> torch.Tensor:
         """Training loss (scalar): mean negative log-likelihood, nats per sequence."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from md4 import cli_share
 from md4.errors import UserError
+from md4.validate import check
 
 
 def _torch_threads(n: int) -> None:
@@ -20,10 +23,13 @@ def _torch_threads(n: int) -> None:
 
 
 def cmd_train(args) -> None:
+    """A new run takes --config (default: the demo preset); a resumed one its own config.yaml,
+    which --config and --set may change only in md4.config.RESUME_KEYS (md4.train checks)."""
     from md4.config import load_config
     from md4.train import train
 
-    cfg = load_config(args.config, args.set)
+    saved = Path(args.out) / "config.yaml"
+    cfg = load_config(args.config or (saved if saved.is_file() else "demo"), args.set)
     model_dir = train(cfg, args.out, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(f"model saved to {model_dir}")
@@ -35,6 +41,8 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
     """Evaluate a loaded model on a split of its corpus (or of `data`: a corpus, a text file or a
     zero-shot set, whose test split is used): a summary dict. split=None means valid, or test
     for a zero-shot set."""
+    import torch
+
     from md4.data import eval_chunks, load_corpus
     from md4.data.zeroshot import ZERO_SHOT, load_zero_shot
     from md4.evaluate import sequence_nelbo, summarize
@@ -46,6 +54,7 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
         corpus, split = load_zero_shot(data, min_length=model.length), "test"
     else:
         corpus, split = load_corpus(data or model.config.data.corpus, min_length=model.length), split or "valid"
+    model.check_corpus(corpus)
     chunks = eval_chunks(corpus.split(split), model.length)
     labels = check_labels(corpus, split, model.config.model.num_classes)  # conditional models: -log p(x | y)
     if limit > 0:
@@ -58,6 +67,10 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
         mc_samples, timesteps = 1, 0  # the likelihood is exact: one pass, no time
     nelbo = sequence_nelbo(model.diffusion, model.net, chunks, mc_samples=mc_samples, batch_size=batch_size,
                            timesteps=timesteps, seed=seed, device=model.device, progress=progress, labels=labels)
+    bad = int((~torch.isfinite(nelbo)).sum())
+    if bad:
+        raise UserError(f"The NELBO of model {model.source} is not finite on {bad} of {len(nelbo)} {corpus.name} "
+                        f"sequences; its weights overflow or are damaged.")
     image = getattr(corpus.tokenizer, "name", "") == "image"  # bits per token = bits per dimension
     return {"model": str(model.source), "method": model.config.method, "corpus": corpus.name, "split": split,
             "mc_samples": mc_samples, "timesteps": timesteps, "bound": bound_name(timesteps, exact),
@@ -93,11 +106,7 @@ def cmd_eval(args) -> None:
     import md4
 
     _torch_threads(args.threads)
-    for mc, name in ((args.mc_samples, "--mc-samples"), (args.batch_size, "--batch-size")):
-        if mc < 1:
-            raise UserError(f"{name} must be at least 1, got {mc}.")
-    if args.timesteps < 0:
-        raise UserError(f"--timesteps must be 0 (continuous time) or a positive number of steps, got {args.timesteps}.")
+    check_counts(args, mc_samples=1, batch_size=1, timesteps=0, limit=0)
     paths = args.path if isinstance(args.path, list) else [args.path]
     models = [md4.load(path, device=args.device) for path in paths]  # a bad path fails before any work
     results = []
@@ -110,18 +119,48 @@ def cmd_eval(args) -> None:
         print(json.dumps(results) if args.json else eval_table(results))
 
 
+# `md4 sample` options that only one kind of model uses: given to the other kind, they are refused
+TEXT_OPTIONS = ("--prompt", "--infill", "--length", "--sampler", "--temperature", "--top-k", "--top-p", "--block",
+                "--judge")
+IMAGE_OPTIONS = ("--out", "--inpaint", "--region")
+MASKED_OPTIONS = ("--sampler", "--temperature", "--top-k", "--top-p", "--block", "--prompt", "--infill", "--trace")
+
+
+def check_counts(args, **lowest) -> None:
+    """Each named option, when given (not None), a whole number >= its lowest value; else a
+    UserError naming the flag."""
+    for name, lo in lowest.items():
+        value = getattr(args, name)
+        if value is not None:
+            check(value, int, "--" + name.replace("_", "-"), lo=lo)
+
+
+def given(args, flags) -> list[str]:
+    """The flags among `flags` whose values differ from the command's defaults."""
+    defaults = parser().parse_args([args.command, "PATH"])
+    dest = [flag[2:].replace("-", "_") for flag in flags]
+    return [flag for flag, d in zip(flags, dest) if getattr(args, d) != getattr(defaults, d)]
+
+
+def only_for(flags: list[str]) -> str:
+    """"--top-k applies" or "--top-k, --block apply": the start of a refusal."""
+    return f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'}"
+
+
 def cmd_sample(args) -> None:
     import md4
 
     _torch_threads(args.threads)
-    if args.num < 1:
-        raise UserError(f"--num must be at least 1, got {args.num}.")
+    check_counts(args, num=1, steps=1, length=1, top_k=0, block=0)
+    check(args.guidance, float, "--guidance")
     model = md4.load(args.path, device=args.device)
     labels = parse_label(args.label, args.num, model.num_classes)
-    if getattr(model.tokenizer, "name", "") == "image":
+    kind, other = ("image", "text") if model.tokenizer.name == "image" else ("text", "image")
+    wrong = given(args, TEXT_OPTIONS if kind == "image" else IMAGE_OPTIONS)
+    if wrong:
+        raise UserError(f"{only_for(wrong)} to {other} models, not to this {kind} model.")
+    if kind == "image":
         return sample_images(model, args, labels)
-    if args.out or args.inpaint:
-        raise UserError("--out and --inpaint write pictures and need an image model.")
     kwargs, recorder = sampling_options(args, model)
     judge = quality = None
     if args.judge:  # loaded first: a bad judge fails before the sampling time is spent
@@ -137,7 +176,7 @@ def cmd_sample(args) -> None:
 
         tok = model.tokenizer
         render(recorder.states, args.trace, lambda i: tok.decode([i]), tok.mask_id, recorder.times,
-               title=f"md4 sample 0: {args.sampler} sampler, {args.steps or model.config.sample.steps} steps")
+               title=f"md4 sample 0: {args.sampler} sampler, {model.schedule(args.steps)[0]} steps")
         print(f"trace written to {args.trace}", file=sys.stderr)
     if judge:
         quality = generative_perplexity(judge, texts, ids=x.cpu())
@@ -163,9 +202,9 @@ def sample_quality(model, judge, num: int = 64, steps: int | None = None, grid: 
     seconds = time.time() - t0
     r = generative_perplexity(judge, model.decode(x), ids=x.cpu(), batch_size=batch_size, progress=progress)
     exact = getattr(model.diffusion, "exact_likelihood", False)
-    return {"model": str(model.source), "method": model.config.method,
-            "steps": model.length if exact else steps or model.config.sample.steps,
-            "grid": "" if exact else grid or model.config.sample.grid, "sampling_seconds": seconds, **r}
+    steps, grid = model.schedule(steps, grid)
+    return {"model": str(model.source), "method": model.config.method, "steps": model.length if exact else steps,
+            "grid": "" if exact else grid, "sampling_seconds": seconds, **r}
 
 
 def reference_quality(model, judge, num: int = 64, batch_size: int = 16, seed: int = 0) -> dict:
@@ -175,7 +214,9 @@ def reference_quality(model, judge, num: int = 64, batch_size: int = 16, seed: i
     from md4.data import eval_chunks, load_corpus
     from md4.judge import generative_perplexity
 
-    chunks = eval_chunks(load_corpus(model.config.data.corpus, min_length=model.length).test, model.length)
+    corpus = load_corpus(model.config.data.corpus, min_length=model.length)
+    model.check_corpus(corpus)
+    chunks = eval_chunks(corpus.test, model.length)
     x = chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))[:num]]
     r = generative_perplexity(judge, model.decode(x), ids=x, batch_size=batch_size)
     return {"model": f"data ({model.config.data.corpus} test)", "method": "-", "steps": 0, "grid": "",
@@ -199,8 +240,7 @@ def cmd_genppl(args) -> None:
     from md4.judge import Judge
 
     _torch_threads(args.threads)
-    if args.num < 1:
-        raise UserError(f"--num must be at least 1, got {args.num}.")
+    check_counts(args, num=1, steps=1)
     models = [md4.load(path, device=args.device) for path in args.path]
     judge = Judge.load(args.judge, device=args.device)
     results = []
@@ -224,12 +264,9 @@ def sampling_options(args, model) -> tuple[dict, object]:
 
     get_sampler(args.sampler)  # fail before loading anything heavy
     if not isinstance(model.diffusion, MD4):  # e.g. the AR baseline: its own sampler, no options
-        asked = [flag for flag, on in (("--sampler", args.sampler != "ancestral"), ("--temperature", args.temperature != 1),
-                                       ("--top-k", args.top_k), ("--top-p", args.top_p != 1), ("--block", args.block),
-                                       ("--prompt", args.prompt is not None), ("--infill", args.infill is not None),
-                                       ("--trace", args.trace)) if on]
+        asked = given(args, MASKED_OPTIONS)
         if asked:
-            raise UserError(f"{', '.join(asked)} apply to masked diffusion models, not to {model.config.method}.")
+            raise UserError(f"{only_for(asked)} to masked diffusion models, not to {model.config.method}.")
         return {}, None
     kwargs = {"sampler": args.sampler, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
               "block": args.block}
@@ -270,13 +307,16 @@ def sample_images(model, args, labels) -> None:
 
     t0 = time.time()
     report = {}
+    if args.region is not None and not args.inpaint:
+        raise UserError("--region applies with --inpaint; give both or neither.")
     if args.inpaint:
         corpus = load_corpus(model.config.data.corpus)
+        model.check_corpus(corpus)
         test = torch_rows(corpus.test, args.num, args.seed)
         y = check_labels(corpus, "test", model.num_classes)
         y = y[test[1]] if y is not None else None
-        r = pictures.inpaint(model, test[0], args.inpaint, args.region, labels=y, guidance_weight=args.guidance,
-                             steps=args.steps, grid=args.grid, seed=args.seed)
+        r = pictures.inpaint(model, test[0], args.inpaint, args.region or "center", labels=y,
+                             guidance_weight=args.guidance, steps=args.steps, grid=args.grid, seed=args.seed)
         report["inpaint"] = str(r["inpaint"])
     if args.out or args.trace or not args.inpaint:
         r = pictures.sample_grid(model, args.num, args.out or "samples.png", steps=args.steps, grid=args.grid,
@@ -306,6 +346,7 @@ def cmd_demo(args) -> None:
     from md4.config import load_config
     from md4.train import train
 
+    check_counts(args, samples=1, eval_sequences=0)  # before the training time is spent
     t0 = time.time()
     cfg = load_config("demo", args.set)
     print(f"md4 demo: training MD4 on the {cfg.data.corpus} corpus ({cfg.train.steps} steps), run folder {args.out}")
@@ -379,7 +420,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (resumes a run folder that has a checkpoint)")
-    t.add_argument("--config", default="demo", help="preset name (tiny, demo, text8) or path to a YAML file")
+    t.add_argument("--config", default=None, help="preset name (tiny, demo, text8) or path to a YAML file "
+                                                  "(default: the run folder's config.yaml, else demo)")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. model.layers=4")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -428,7 +470,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (0 = none)")
     s.add_argument("--out", default=None, help="image models: PNG grid of samples (default samples.png)")
     s.add_argument("--inpaint", default=None, help="image models: PNG of test images, masked inputs and completions")
-    s.add_argument("--region", default="center", help="region to inpaint: center, top, bottom, left, right")
+    s.add_argument("--region", default=None, help="region to inpaint: center (default), top, bottom, left, right")
     s.set_defaults(fn=cmd_sample)
 
     i = sub.add_parser("inspect", help="a GenMD4 model's learned schedule: tokens that unmask first and last, PNG")
@@ -455,7 +497,13 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-sequences", type=int, default=0, help="validation sequences to evaluate (0 = all)")
     d.set_defaults(fn=cmd_demo)
     add_data_parser(sub)
+    cli_share.add_parsers(sub)  # push (Hugging Face Hub) and serve (playground page)
     return p
+
+
+# OS errors that the machine or the user's files cause, not this program: one sentence, exit 2
+ENVIRONMENT_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM,
+                      errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EIO}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,6 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except UserError as e:
         print(f"md4: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRORS:
+            raise
+        verb = "write" if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "use"
+        where = f" {e.filename}" if e.filename else " a file"
+        print(f"md4: error: Cannot {verb}{where}: {e.strerror or e}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("md4: interrupted", file=sys.stderr)

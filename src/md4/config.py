@@ -3,7 +3,9 @@
     cfg = load_config("demo", overrides=["model.layers=4", "train.lr=1e-3"])
 
 Presets live in md4/presets/*.yaml; a path to a YAML file works too. Unknown keys and values
-of the wrong type are user errors (one sentence, exit status 2 from the CLI).
+of the wrong type are user errors (one sentence, exit status 2 from the CLI). A run folder's
+config.yaml is the run's config: a resume may change only the keys in RESUME_KEYS
+(`check_resume`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class ModelConfig:
             raise UserError(f"Config key model.unet_mults must list widths of at least 1, got {self.unet_mults}.")
         _check_range(self, "model", "mlp_ratio", 0, low_open=True)
         _check_range(self, "model", "dropout", 0, 1, high_open=True)
+        _check_range(self, "model", "num_classes", 0)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class TrainConfig:
     schedule_lr_scale: float = 1.0
     schedule_weight_decay: float = 0.0  # GenMD4: decays log w, i.e. pulls w towards 1 (linear)
     label_dropout: float = 0.1  # class-conditional models: P(label -> null label), for classifier-free guidance
+    log: list[str] = field(default_factory=list)  # sinks besides metrics.jsonl (md4.logsinks); [] = tensorboard if installed
 
     def __post_init__(self):
         _check_positive(self, "train", ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "ckpt_every"))
@@ -171,6 +175,10 @@ def _coerce(value, typ, key: str):
         return value
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if typing.get_origin(typ) is list and isinstance(value, (str, list)):  # [a, b], or "a,b" on the command line
+        items = value.split(",") if isinstance(value, str) else value
+        if all(isinstance(v, str) for v in items):
+            return [v.strip() for v in items if v.strip()]
     if typ is str and isinstance(value, (str, int, float, bool)):
         return str(value).lower() if isinstance(value, bool) else str(value)
     raise UserError(f"Config key {key} expects a value of type {typ.__name__}, got {value!r}.")
@@ -250,3 +258,43 @@ def _method_alias(data: dict, override: bool = False) -> None:
     if not override and "method" in data and str(data["method"]) != str(alias):
         raise UserError(f"Config keys method ({data['method']}) and diffusion ({alias}) disagree; set one of them.")
     data["method"] = alias
+
+
+# Keys that may differ between a run's config.yaml and the config it is resumed with, and why:
+RESUME_KEYS = (
+    # how long the run lasts (raise them to extend a run; the cosine decay is stretched from the
+    # resumed step on, so the extended run is not one that was planned that long from the start)
+    "train.steps", "train.max_minutes",
+    # what is logged, evaluated and kept: the training step reads none of them (evaluation uses its
+    # own seeded generator and the EMA weights), so the weights stay bit-identical on CPU
+    "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.keep", "train.log",
+    # how the same arithmetic runs: the data order, random draws and update rule are the same,
+    # float rounding may differ (moving to another kind of device reseeds the diffusion noise)
+    "train.threads", "train.device", "train.bf16", "train.compile",
+    # sampling defaults stored with the model; training never reads them
+    "sample.steps", "sample.grid", "sample.num",
+)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resume(saved: Config, asked: Config, source: str) -> None:
+    """UserError naming the keys outside RESUME_KEYS where `asked` differs from the run's `saved`
+    config (read from `source`, the run's config.yaml)."""
+    old, new = flatten(saved.to_dict()), flatten(asked.to_dict())
+    differ = [k for k in new if new[k] != old.get(k) and k not in RESUME_KEYS]
+    if differ:
+        values = ", ".join(f"{k} ({new[k]!r}, saved {old.get(k)!r})" for k in differ)
+        sections: dict[str, list[str]] = {}
+        for key in RESUME_KEYS:
+            section, name = key.split(".")
+            sections.setdefault(section, []).append(name)
+        allowed = " and ".join(f"{s}.{{{', '.join(names)}}}" for s, names in sections.items())
+        raise UserError(f"These options differ from the run's {source}: {values}; a resume may change only "
+                        f"{allowed}, so drop them (the saved config is used) or train in another folder.")

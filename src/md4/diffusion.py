@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from md4 import schedules
+from md4.truncation import NO_TRUNCATION, Truncation
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -65,6 +66,7 @@ class MD4(nn.Module):
         timesteps: int = 0,
         generator=None,
         t: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One-sample unbiased estimate of the negative ELBO of each sequence: [B] nats.
 
@@ -73,6 +75,8 @@ class MD4(nn.Module):
                      L = T * (alpha_s - alpha_t) / (1 - alpha_t) * sum_{n masked} -log mu^n_{x_0^n}.
         Times are antithetic across the batch unless `t` [B] is given (in [0,1); for discrete
         time it is rounded up to the grid). The reconstruction term N (1 - alpha_0) log V is added.
+        known [B, N] bool: the conditional bound on -log p(x_0[~known] | x_0[known]): known positions
+        are never masked, and the sums (and N) run over the other positions only.
         """
         B, N = x0.shape
         if t is None:
@@ -83,27 +87,33 @@ class MD4(nn.Module):
             weight = timesteps * (a_s - a_t) / (1 - a_t)
         else:
             weight = -self.schedule.weight(t)
-        xt = self.forward_sample(x0, t, generator)
+        xt = given(self.forward_sample(x0, t, generator), x0, known)
         ce = masked_cross_entropy(denoiser(xt, t), x0, xt, self.mask_id)
-        return weight * ce + self.reconstruction(N)
+        return weight * ce + self.reconstruction(free_positions(N, known))
 
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator=None) -> torch.Tensor:
         """Training loss (scalar): the batch mean of the continuous-time NELBO, nats per sequence."""
         return self.nelbo(denoiser, x0, generator=generator).mean()
 
     # ----------------------------------------------------------------- reverse process
-    def reverse_step(
-        self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None
-    ) -> torch.Tensor:
-        """Draw x_s ~ p(x_s | x_t) for s < t. Masked positions unmask with probability
-        (alpha_s - alpha_t) / (1 - alpha_t) and then take token j with probability mu_j;
-        unmasked positions stay. Probabilities are computed and drawn in float64."""
+    def reveal(self, logits: torch.Tensor, t: float, s: float, truncate: Truncation = NO_TRUNCATION):
+        """The reverse step from t to s < t at a masked position, in two parts: (P(unmask) [...]
+        float64, broadcastable to the positions of logits [..., V]; the logits [..., V] of the token
+        it becomes, given that it unmasks). For MD4, P(unmask) = (alpha_s - alpha_t) / (1 - alpha_t)
+        and the token follows mu. Truncation (temperature, top-k, top-p) applies to the token only:
+        it changes which token is revealed, never when (issue 13, item 8)."""
         a_t, a_s = (self.schedule.alpha(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
-        p_unmask = (a_s - a_t) / (1 - a_t)
+        return ((a_s - a_t) / (1 - a_t)).to(logits.device), truncate(logits)
+
+    def reverse_step(self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None,
+                     truncate: Truncation = NO_TRUNCATION) -> torch.Tensor:
+        """Draw x_s ~ p(x_s | x_t) for s < t (logits: the denoiser's, untruncated). Each masked
+        position unmasks with `reveal`'s probability and then takes a token from its token logits;
+        unmasked positions stay. Probabilities are computed and drawn in float64."""
+        p_unmask, token_logits = self.reveal(logits, t, s, truncate)
         u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
-        reveal = (xt == self.mask_id) & (u < p_unmask.to(xt.device))
-        tokens = categorical(logits, generator)
-        return torch.where(reveal, tokens, xt)
+        unmask = (xt == self.mask_id) & (u < p_unmask)
+        return torch.where(unmask, categorical(token_logits, generator), xt)
 
     def posterior_sample(
         self, xt: torch.Tensor, x0: torch.Tensor, t: float, s: float, generator=None
@@ -125,6 +135,16 @@ class MD4(nn.Module):
 
         return sampling.sample(self, denoiser, num_samples, length, steps=steps, grid=grid,
                                generator=generator, device=device, **kwargs)
+
+
+def given(xt: torch.Tensor, x0: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """x_t with the `known` positions ([B, N] bool, or None) unmasked: x_0 there, for conditional bounds."""
+    return xt if known is None else torch.where(known, x0, xt)
+
+
+def free_positions(length: int, known: torch.Tensor | None) -> int | torch.Tensor:
+    """The number of positions a bound covers: N, or [B] the positions not `known` ([B, N] bool)."""
+    return length if known is None else (~known).sum(-1)
 
 
 def categorical(logits: torch.Tensor, generator=None) -> torch.Tensor:

@@ -117,9 +117,13 @@ class Parallel:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on some rank (a collective)."""
-        t = torch.tensor(float(flag), device=self.device)
+        return self.maximum(float(flag)) > 0
+
+    def maximum(self, value: float) -> float:
+        """The largest of the ranks' values, on every rank (a collective, in float64)."""
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return t.item()
 
     def barrier(self) -> None:
         if self.active:

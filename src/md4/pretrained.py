@@ -9,13 +9,14 @@ This module does not import the training code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from md4 import checkpoint
+from md4 import checkpoint, hub
 from md4.ar import AR
 from md4.config import Config, from_dict
 from md4.data import CharTokenizer, ImageTokenizer, split_labels
@@ -26,16 +27,19 @@ from md4.errors import UserError
 from md4.genmd4 import GenMD4
 from md4.nn import Transformer, UNet
 from md4.sedd import SEDD
+from md4.validate import fail, field, known_keys, mapping, one_of
 
 # Training methods: name -> class. A method is an nn.Module built as cls(vocab_size, schedule)
 # with loss(net, x0, generator) (scalar, nats per sequence), nelbo(net, x0, timesteps, generator, t)
 # ([B] nats) and sample(net, num_samples, length, ...); its parameters (a learnable schedule)
 # are trained with the network and saved with it. A class attribute `causal = True` asks for a
-# causal network. A class with a classmethod from_config(vocab_size, cfg) is built by it instead.
+# causal network, `needs_time_cond = True` for a network that sees t (a new model with
+# model.time_cond=false is refused). A class with a classmethod from_config(vocab_size, cfg) is
+# built by it instead.
 # Baselines (issue 4): "ar" (causal, exact likelihood) and "sedd" (score entropy, absorbing);
 # D3PM-absorb is "md4" evaluated with --timesteps 1000.
 METHODS = {"md4": MD4, "genmd4": GenMD4, "ar": AR, "sedd": SEDD}
-# built with config.json's "tokenizer_args" where the tokenizer takes any
+# built with config.json's "tokenizer_args": the whole numbers each tokenizer's ARGS names
 TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "image": ImageTokenizer}
 
 
@@ -70,9 +74,13 @@ def method_class(name: str):
     return METHODS[name]
 
 
-def build(cfg: Config, vocab_size: int) -> tuple[MD4, Transformer]:
-    """(diffusion model, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens."""
+def build(cfg: Config, vocab_size: int, saved: bool = False) -> tuple[MD4, Transformer]:
+    """(diffusion model, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens.
+    saved=True rebuilds a trained model as it was saved, without the checks for new models."""
     cls = method_class(cfg.method)
+    if getattr(cls, "needs_time_cond", False) and not cfg.model.time_cond and not saved:
+        raise UserError(f"Method {cfg.method} needs a network that sees t (its exact denoiser depends on t); "
+                        f"set model.time_cond=true.")
     from_config = getattr(cls, "from_config", None)
     diffusion = from_config(vocab_size, cfg) if from_config else cls(vocab_size, cfg.schedule)
     m = cfg.model
@@ -140,9 +148,13 @@ class Pretrained:
 
     def denoiser(self, labels=None, guidance: float = 0.0):
         """The network as denoiser(x_t, t): for class `labels` ([num] long, or an int for all;
-        None = unconditional) with classifier-free guidance weight `guidance` (0 = none)."""
+        None = unconditional) with classifier-free guidance weight `guidance` (0 = none). A
+        network whose logits overflow is refused first (see check_finite)."""
         from md4.guidance import conditioned
 
+        if not math.isfinite(guidance):
+            raise UserError(f"The guidance weight must be a finite number, got {guidance}.")
+        self.check_finite()
         if labels is None:
             if guidance:
                 raise UserError("Guidance needs a class label (--label).")
@@ -154,6 +166,16 @@ class Pretrained:
             raise UserError(f"Class labels must lie in 0..{self.num_classes - 1}.")
         return conditioned(self.net, labels, guidance)
 
+    @torch.no_grad()
+    def check_finite(self) -> None:
+        """UserError unless the network's logits for one fully masked sequence (t = 1, no label) are
+        finite: with weights that overflow, every sampler would draw the same token everywhere,
+        silently. One forward pass of one sequence."""
+        x = torch.full((1, self.length), self.diffusion.mask_id, device=self.device)
+        if not torch.isfinite(self.net(x, torch.ones(1, device=self.device))).all():
+            raise UserError(f"Model {self.source} predicts non-finite logits for a fully masked sequence; "
+                            f"its weights overflow or are damaged.")
+
     def sample(self, num: int, steps: int | None = None, grid: str | None = None, length: int | None = None,
                seed: int = 0, progress: bool = False, labels=None, guidance: float = 0.0,
                **kwargs) -> torch.Tensor:
@@ -163,7 +185,8 @@ class Pretrained:
         class-conditional models (classifier-free guidance)."""
         limit = self.net.max_len
         known = kwargs.get("known")
-        length = length or (known.shape[-1] if known is not None else self.length)
+        if length is None:
+            length = known.shape[-1] if known is not None else self.length
         if kwargs.get("block"):
             kwargs.setdefault("window", min(self.length, limit))
         elif length > limit:
@@ -173,9 +196,23 @@ class Pretrained:
             labels = torch.full((num,), int(labels), dtype=torch.long)
         denoiser = self.denoiser(labels, guidance)
         g = torch.Generator(self.device).manual_seed(seed)
-        return self.diffusion.sample(denoiser, num, length, steps=steps or self.config.sample.steps,
-                                     grid=grid or self.config.sample.grid, generator=g, device=self.device,
+        steps, grid = self.schedule(steps, grid)
+        return self.diffusion.sample(denoiser, num, length, steps=steps, grid=grid, generator=g, device=self.device,
                                      progress=progress, **kwargs)
+
+    def schedule(self, steps: int | None = None, grid: str | None = None) -> tuple[int, str]:
+        """(steps, grid) for sampling: the ones given, else the config's sample.steps and sample.grid
+        (a 0 stays 0, for the sampler to refuse)."""
+        return (self.config.sample.steps if steps is None else steps), (grid or self.config.sample.grid)
+
+    def check_corpus(self, corpus) -> None:
+        """UserError unless `corpus` is tokenized as this model reads: the same kind of tokens,
+        vocabulary and (images) shape; a model fed other ids would index outside its embedding or
+        score meaningless numbers."""
+        have, want = describe_tokens(corpus.tokenizer), describe_tokens(self.tokenizer)
+        if have != want:
+            raise UserError(f"Corpus {corpus.name!r} holds {have}, but the model {self.source} reads {want}; "
+                            f"give it data tokenized its own way.")
 
     def decode(self, x: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(row.tolist()) for row in x]
@@ -192,17 +229,51 @@ def model_folder(path: Path) -> Path:
     raise UserError(f"{path} holds no trained model (no config.json + model.safetensors); has training finished?")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """Load a model folder (or the `model/` folder of a run) for evaluation and sampling."""
-    folder = model_folder(Path(path))
-    raw = checkpoint.read_json(folder / "config.json")
-    cfg = from_dict(Config, raw.get("config", raw))
-    vocab_size = int(raw.get("vocab_size", 0))
-    tok_name = raw.get("tokenizer", "char")
-    if tok_name not in TOKENIZERS:
-        raise UserError(f"Model {folder} uses an unknown tokenizer {tok_name!r}.")
-    tokenizer = TOKENIZERS[tok_name](**raw.get("tokenizer_args", {}))
-    diffusion, net = build(cfg, vocab_size or tokenizer.vocab_size)
+def describe_tokens(tokenizer) -> str:
+    """"char tokens (vocabulary 27)", "image tokens (vocabulary 256, height 7, width 7, ...)"."""
+    args = "".join(f", {k} {v}" for k, v in tokenizer.args().items())
+    return f"{tokenizer.name} tokens (vocabulary {tokenizer.vocab_size:,}{args})"
+
+
+def read_model_config(folder: Path) -> tuple[Config, object]:
+    """A model folder's config.json, checked field by field: (config, tokenizer).
+
+    format        "md4"
+    config        the Config as a mapping (types and ranges: md4.config.from_dict)
+    tokenizer     a name in TOKENIZERS (default char)
+    tokenizer_args  exactly the tokenizer's ARGS, each a whole number in its range
+    vocab_size    the tokenizer's vocabulary (default: it)
+    A tokenizer of fixed length (images) must give config.data.length values."""
+    path = Path(folder) / "config.json"
+    raw = mapping(checkpoint.read_json(path), "the top level", path)
+    one_of(raw.get("format", "md4"), ("md4",), "format", path)
+    section = field(raw, "config", dict, path, default=raw)  # without "config": an old layout
+    try:
+        cfg = from_dict(Config, section)
+    except UserError as e:
+        message = str(e)
+        raise UserError(f"In {path}, {message[0].lower()}{message[1:]}") from None
+    cls = TOKENIZERS[one_of(raw.get("tokenizer", "char"), TOKENIZERS, "tokenizer", path)]
+    args = field(raw, "tokenizer_args", dict, path, default={})
+    known_keys(args, cls.ARGS, "tokenizer_args", path)
+    tokenizer = cls(**{k: field(args, k, int, path, lo, hi, prefix="tokenizer_args.")
+                       for k, (lo, hi) in cls.ARGS.items()})
+    vocab_size = field(raw, "vocab_size", int, path, lo=1, default=tokenizer.vocab_size)
+    if vocab_size != tokenizer.vocab_size:
+        raise fail("vocab_size", path, f"is {vocab_size}, but the {tokenizer.name} tokenizer has "
+                   f"{tokenizer.vocab_size}")
+    if tokenizer.length not in (None, cfg.data.length):
+        raise fail("config.data.length", path, f"is {cfg.data.length}, but tokenizer_args make sequences of "
+                   f"{tokenizer.length}")
+    return cfg, tokenizer
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", revision: str | None = None) -> Pretrained:
+    """Load a model folder (or the `model/` folder of a run), or a Hugging Face Hub repo id
+    ("org/name", "org/name@revision"; md4.hub), for evaluation and sampling."""
+    folder = model_folder(hub.resolve(path, revision))
+    cfg, tokenizer = read_model_config(folder)
+    diffusion, net = build(cfg, tokenizer.vocab_size, saved=True)
     weights = checkpoint.read_weights(folder / "model.safetensors")
     checkpoint.load_into(Bundle(diffusion, net), weights, folder)
     net.eval()

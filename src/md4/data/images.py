@@ -38,6 +38,8 @@ class ImageTokenizer:
     """[H, W, C] images <-> [N] token sequences (raster order, channels innermost)."""
 
     name = "image"
+    # constructor arguments in a model's config.json: whole numbers in these ranges (token ids are uint8)
+    ARGS = {"height": (1, 4096), "width": (1, 4096), "channels": (1, 4), "levels": (2, 256)}
 
     def __init__(self, height: int, width: int, channels: int = 1, levels: int = 256):
         self.height, self.width, self.channels, self.levels = int(height), int(width), int(channels), int(levels)
@@ -60,8 +62,7 @@ class ImageTokenizer:
             a = a[..., None]
         if a.shape[-3:] != self.shape:
             raise UserError(f"Images must have shape {self.shape} (height, width, channels), got {a.shape[-3:]}.")
-        if a.size and (a.min() < 0 or a.max() >= self.levels):
-            raise UserError(f"Pixel values must lie in 0..{self.levels - 1}.")
+        check_pixels(a, self.levels)
         return a.astype(np.uint8).reshape(*a.shape[:-3], self.length)
 
     def decode(self, ids) -> np.ndarray:
@@ -75,6 +76,14 @@ class ImageTokenizer:
 
     def __repr__(self) -> str:
         return f"ImageTokenizer({self.height}x{self.width}x{self.channels}, levels={self.levels})"
+
+
+def check_pixels(a: np.ndarray, levels: int, source: str = "The images") -> None:
+    """UserError unless every value of `a` is a whole number in 0..levels-1."""
+    if a.dtype.kind not in "iub":
+        raise UserError(f"{source} hold pixel values of type {a.dtype}; they must be whole numbers.")
+    if a.size and (a.min() < 0 or a.max() >= levels):
+        raise UserError(f"{source} hold pixel values from {a.min()} to {a.max()}; they must lie in 0..{levels - 1}.")
 
 
 @dataclass(repr=False, eq=False)
@@ -228,7 +237,10 @@ def load_images(name: str, *, min_length: int = 0) -> ImageCorpus:
     out = {}
     for s in SPLITS:
         images, labels = raw[s]
+        if images.dtype != np.uint8 or ds.levels != 256:  # else every value is in range
+            check_pixels(images, ds.levels, f"The {s} images of {name!r}")
         out[s] = tok.encode(downsample(images, size))
-        out[f"{s}_labels"] = None if labels is None else np.asarray(labels, dtype=np.int64)
+        out[f"{s}_labels"] = None if labels is None else files.class_labels(
+            labels, len(images), f"The {s} split of {name!r}", ds.num_classes)
     return ImageCorpus(**out, tokenizer=tok, name=name, num_classes=ds.num_classes)
 

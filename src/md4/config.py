@@ -167,18 +167,18 @@ def _coerce(value, typ, key: str):
                 value = float(value)
             except ValueError:
                 pass
-    if typing.get_origin(typ) is list:  # a YAML list, or one item
-        return [_coerce(v, typing.get_args(typ)[0], key) for v in (value if isinstance(value, list) else [value])]
+    if typing.get_origin(typ) is list:  # [a, b], "a,b" on the command line, or one item
+        item = typing.get_args(typ)[0]
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+        items = [v.strip() if isinstance(v, str) else v for v in items]
+        if item is not str or all(isinstance(v, str) for v in items):  # no numbers in a list of names
+            return [_coerce(v, item, key) for v in items if v != ""]
     if typ is bool and isinstance(value, bool):
         return value
     if typ is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if typing.get_origin(typ) is list and isinstance(value, (str, list)):  # [a, b], or "a,b" on the command line
-        items = value.split(",") if isinstance(value, str) else value
-        if all(isinstance(v, str) for v in items):
-            return [v.strip() for v in items if v.strip()]
     if typ is str and isinstance(value, (str, int, float, bool)):
         return str(value).lower() if isinstance(value, bool) else str(value)
     raise UserError(f"Config key {key} expects a value of type {typ.__name__}, got {value!r}.")

@@ -25,7 +25,7 @@ from md4.data.images import is_image_corpus, tokenizer_for
 from md4.diffusion import MD4
 from md4.errors import UserError
 from md4.genmd4 import GenMD4
-from md4.nn import Transformer
+from md4.nn import Transformer, UNet
 from md4.sedd import SEDD
 from md4.validate import fail, field, known_keys, mapping, one_of
 
@@ -84,6 +84,8 @@ def build(cfg: Config, vocab_size: int, saved: bool = False) -> tuple[MD4, Trans
     from_config = getattr(cls, "from_config", None)
     diffusion = from_config(vocab_size, cfg) if from_config else cls(vocab_size, cfg.schedule)
     m = cfg.model
+    if m.arch == "unet":
+        return diffusion, unet(cfg, vocab_size, getattr(cls, "causal", False))
     if m.dim % m.heads:
         raise UserError(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads}).")
     image = {}
@@ -98,6 +100,22 @@ def build(cfg: Config, vocab_size: int, saved: bool = False) -> tuple[MD4, Trans
                       max_len=max(cfg.data.length, 1024), **image,
                       **({"causal": True} if getattr(cls, "causal", False) else {}))
     return diffusion, net
+
+
+def unet(cfg: Config, vocab_size: int, causal: bool) -> UNet:
+    """The U-Net of model.arch=unet, over the images of data.corpus."""
+    m, corpus = cfg.model, cfg.data.corpus
+    if causal:
+        raise UserError(f"Method {cfg.method} needs a causal network, which model.arch=unet is not; use transformer.")
+    if not is_image_corpus(corpus):
+        raise UserError(f"model.arch=unet needs an image dataset, but data.corpus is {corpus!r}.")
+    shape = tokenizer_for(corpus).shape
+    if cfg.data.length != shape[0] * shape[1] * shape[2]:
+        raise UserError(f"model.arch=unet takes whole images: data.length must be {shape[0] * shape[1] * shape[2]} "
+                        f"for {corpus}, not {cfg.data.length}.")
+    if any(m.unet_ch * k % m.unet_heads for k in m.unet_mults):
+        raise UserError(f"model.unet_heads ({m.unet_heads}) must divide every width model.unet_ch x model.unet_mults.")
+    return UNet.from_config(m, vocab_size, shape)
 
 
 @dataclass
@@ -165,7 +183,7 @@ class Pretrained:
         temperature, top_k, top_p, block, callback, ...). With `block`, a sequence of any length is
         generated in windows of the training length. `labels` (int or [num]) and `guidance` for
         class-conditional models (classifier-free guidance)."""
-        limit = self.net.rope_cos.shape[0]
+        limit = self.net.max_len
         known = kwargs.get("known")
         if length is None:
             length = known.shape[-1] if known is not None else self.length

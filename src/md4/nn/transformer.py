@@ -173,6 +173,11 @@ class Transformer(nn.Module):
         for linear in adaln:  # adaLN-zero: no shift, unit scale, closed gates at init
             nn.init.zeros_(linear.weight)
 
+    @property
+    def max_len(self) -> int:
+        """The longest sequence this network takes (its RoPE tables)."""
+        return self.rope_cos.shape[0]
+
     @staticmethod
     def _init(module: nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -35,7 +35,7 @@ def test_the_transformer_from_config_is_the_one_built_by_hand():
 
 
 @pytest.mark.parametrize("overrides, says", [
-    (["model.arch=mamba"], "Unknown model.arch 'mamba'; choose one of " + ", ".join(BACKBONES)),
+    (["model.arch=mamba"], "model.arch must be one of " + ", ".join(BACKBONES) + ", got 'mamba'"),
     (["model.dim=30", "model.heads=4"], "divisible"),
     (["model.pos2d=true"], "pos2d needs an image dataset"),
     (["method=d3pm"], "Unknown method 'd3pm'"),

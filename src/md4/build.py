@@ -21,7 +21,7 @@ from md4.diffusion import MD4
 from md4.errors import UserError
 from md4.genmd4 import GenMD4
 from md4.method import Method
-from md4.nn import Backbone, backbone_class
+from md4.nn import BACKBONES, Backbone
 from md4.sedd import SEDD
 
 # Training methods: name -> md4.method.Method subclass, built by cls.from_config(vocab_size, cfg).
@@ -104,8 +104,8 @@ def build(cfg: Config, vocab_size: int, saved: bool = False) -> tuple[Method, Ba
     method = cls.from_config(vocab_size, cfg)
     corpus = cfg.data.corpus
     image_shape = tokenizer_for(corpus).shape if is_image_corpus(corpus) else None
-    net = backbone_class(cfg.model.arch).from_config(vocab_size, cfg.model, length=cfg.data.length,
-                                                     causal=method.causal, image_shape=image_shape)
+    net = BACKBONES[cfg.model.arch].from_config(vocab_size, cfg.model, length=cfg.data.length,
+                                                causal=method.causal, image_shape=image_shape)
     return method, net
 
 

@@ -28,10 +28,10 @@ import time
 import torch
 
 from md4 import train
+from md4.build import Bundle, resolve_device
 from md4.config import TrainConfig
 from md4.diffusion import MD4
 from md4.nn import Transformer
-from md4.pretrained import Bundle, resolve_device
 
 TINY = dict(vocab=257, length=64, layers=2, dim=64, heads=2, batches="2,4", steps=2, warmup=1, matmul=256,
             sample_num=2, sample_steps=4)
@@ -107,7 +107,7 @@ def time_training(args, device: torch.device, batch: int, bf16: bool) -> dict:
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model.diffusion.loss(fwd, x, generator=g) / args.length
+            loss = model.method.loss(fwd, x, generator=g) / args.length
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, float("inf"))
         opt.step()
@@ -143,10 +143,10 @@ def time_sampling(args, device: torch.device, bf16: bool) -> dict:
     net.eval()
     g = torch.Generator(device).manual_seed(0)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        model.diffusion.sample(net, 1, args.length, steps=2, generator=g, device=device)  # warm-up
+        model.method.sample(net, 1, args.length, steps=2, generator=g, device=device)  # warm-up
         sync(device)
         start = time.perf_counter()
-        model.diffusion.sample(net, args.sample_num, args.length, steps=args.sample_steps, generator=g, device=device)
+        model.method.sample(net, args.sample_num, args.length, steps=args.sample_steps, generator=g, device=device)
         sync(device)
     seconds = time.perf_counter() - start
     return dict(num=args.sample_num, steps=args.sample_steps, seconds=seconds,

@@ -112,7 +112,7 @@ class Files:
         """An untrained `tiny` model folder for fashion-mnist:7 (saved as training saves one)."""
         from md4.config import load_config
         from md4.data.images import tokenizer_for
-        from md4.pretrained import Bundle, build, model_metadata
+        from md4.build import Bundle, build, model_metadata
 
         folder = self.root / "image_model"
         if not folder.exists():

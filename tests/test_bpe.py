@@ -87,7 +87,7 @@ def test_bad_merges_file_is_a_user_error(tmp_path):
 
 
 def test_models_trained_on_bpe_decode_with_the_gpt2_tokenizer():
-    from md4.pretrained import TOKENIZERS
+    from md4.build import TOKENIZERS
 
     assert TOKENIZERS["gpt2"]().decode([15496, 995]) == "Hello world"
 
@@ -158,7 +158,7 @@ def test_memory_mapped_windows_stay_inside_shards(tmp_path):
 def test_train_eval_sample_on_a_prepared_folder(tmp_path):
     """A prepared folder is a corpus: train a few steps, evaluate, sample, decode GPT-2 text."""
     import md4
-    from md4.cli import evaluate_model
+    from md4.evaluate import evaluate_model
     from md4.config import load_config
     from md4.train import train
 

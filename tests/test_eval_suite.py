@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import md4
-from md4.cli import eval_table, main
-from md4.data import CharTokenizer, eval_chunks, load_corpus, normalize_text8
-from md4.data import detokenize
-from md4.data import zeroshot
+from md4.cli import main
+from md4.data import CharTokenizer, detokenize, eval_chunks, load_corpus, normalize_text8, zeroshot
+from md4.evaluate import eval_table
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +56,7 @@ def test_ar_eval_is_its_exact_likelihood(runs, corpus, capsys):
     with torch.no_grad():
         nll = torch.zeros(len(chunks), dtype=torch.float64)
         for n in range(m.length):
-            prefix = torch.cat([torch.full((len(chunks), 1), m.diffusion.bos_id), chunks[:, :n]], 1)
+            prefix = torch.cat([torch.full((len(chunks), 1), m.method.bos_id), chunks[:, :n]], 1)
             logp = torch.log_softmax(m.net(prefix, torch.zeros(len(chunks)))[:, -1].double(), -1)
             nll -= logp.gather(-1, chunks[:, n : n + 1]).squeeze(-1)
     want = nll.mean().item() / (m.length * math.log(2))
@@ -73,7 +72,7 @@ def test_ar_eval_is_its_exact_likelihood(runs, corpus, capsys):
 def test_baselines_sample_and_load(runs, capsys):
     for method, run in runs.items():
         m = md4.load(run)
-        assert type(m.diffusion).__name__ == method.upper()
+        assert type(m.method).__name__ == method.upper()
         assert main(["sample", str(run), "--num", "2", "--steps", "8", "--json"]) == 0
         texts = json.loads(capsys.readouterr().out)["samples"]
         assert len(texts) == 2 and all(len(t) == m.length and set(t) <= set(CharTokenizer.alphabet) for t in texts)
@@ -130,7 +129,7 @@ def data_home(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(zeroshot, "download", offline)
+    monkeypatch.setattr(zeroshot, "fetch", offline)
     monkeypatch.setattr(zeroshot, "from_datasets", lambda ds: (_ for _ in ()).throw(ImportError()))
     return tmp_path / "data"
 

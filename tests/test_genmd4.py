@@ -25,10 +25,10 @@ from safetensors.torch import load_file
 
 import md4
 from md4 import MD4, GenMD4, checkpoint
+from md4.build import Bundle, build, model_metadata
 from md4.cli import main
 from md4.config import load_config
 from md4.errors import UserError
-from md4.pretrained import build, model_metadata
 from md4.sampling import time_grid
 from md4.toy import ToyDistribution
 
@@ -518,10 +518,10 @@ def genmd4_run(tmp_path_factory, corpus):
 def test_training_learns_w_and_load_restores_it(genmd4_run):
     cfg = checkpoint.read_json(genmd4_run / "model" / "config.json")["config"]
     assert cfg["method"] == "genmd4"
-    saved = load_file(str(genmd4_run / "model" / "model.safetensors"))["diffusion.schedule.log_w"]
+    saved = load_file(str(genmd4_run / "model" / "model.safetensors"))["method.schedule.log_w"]
     m = md4.load(genmd4_run)
-    assert isinstance(m.diffusion, GenMD4)
-    assert torch.equal(m.diffusion.schedule.log_w.detach(), saved)
+    assert isinstance(m.method, GenMD4)
+    assert torch.equal(m.method.schedule.log_w.detach(), saved)
     assert (saved.exp() - 1).abs().max() > 0.05  # trained: w moved away from its initial ones
     x = m.sample(2, steps=8)
     assert x.shape == (2, m.length) and (x < 27).all()
@@ -535,7 +535,7 @@ def save_genmd4_model(folder, time_cond=True):
     w = torch.linspace(0.3, 3.0, 27)
     with torch.no_grad():
         diffusion.schedule.log_w.copy_(w.log())
-    checkpoint.save_model(folder, model_metadata(cfg, 27), md4.pretrained.Bundle(diffusion, net).state_dict())
+    checkpoint.save_model(folder, model_metadata(cfg, 27), Bundle(diffusion, net).state_dict())
     return w
 
 
@@ -569,16 +569,16 @@ def test_genmd4_needs_a_network_that_sees_t(corpus, tmp_path, capsys):
     assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
     save_genmd4_model(tmp_path / "old", time_cond=False)
     old = md4.load(tmp_path / "old")
-    assert isinstance(old.diffusion, GenMD4) and not old.net.time_cond
+    assert isinstance(old.method, GenMD4) and not old.net.time_cond
     assert old.sample(1, steps=4).shape == (1, old.length)
 
 
 def test_save_load_round_trip_of_w(tmp_path):
     w = save_genmd4_model(tmp_path / "m")
     m = md4.load(tmp_path / "m")
-    torch.testing.assert_close(m.diffusion.schedule.w.detach(), w, rtol=1e-6, atol=0)
-    m.diffusion.schedule.log_w.data.zero_()  # and the loaded exponents are the saved ones, not defaults
-    assert not torch.equal(md4.load(tmp_path / "m").diffusion.schedule.w, m.diffusion.schedule.w)
+    torch.testing.assert_close(m.method.schedule.w.detach(), w, rtol=1e-6, atol=0)
+    m.method.schedule.log_w.data.zero_()  # and the loaded exponents are the saved ones, not defaults
+    assert not torch.equal(md4.load(tmp_path / "m").method.schedule.w, m.method.schedule.w)
 
 
 def test_inspect_lists_the_largest_w_first_and_writes_a_png(tmp_path, capsys):

@@ -70,9 +70,9 @@ def test_nelbo_known_positions_exact_at_one_step(model, ctx, cont):
     got = textlm.loglikelihoods(model, [(ctx, cont)], timesteps=1)[0]
     ids = torch.tensor(CharTokenizer().encode(ctx + cont)).long()[None]
     x = ids.clone()
-    x[:, len(ctx):] = model.diffusion.mask_id
+    x[:, len(ctx):] = model.method.mask_id
     logp = torch.log_softmax(model.net(x, torch.ones(1)).float(), -1)[0]  # float32, as masked_cross_entropy
-    a0, a1 = (model.diffusion.schedule.alpha(torch.tensor(v)).item() for v in (0.0, 1.0))
+    a0, a1 = (model.method.schedule.alpha(torch.tensor(v)).item() for v in (0.0, 1.0))
     want = (a0 - a1) / (1 - a1) * sum(logp[n, ids[0, n]].item() for n in range(len(ctx), ids.shape[1]))
     want -= len(cont) * (1 - a0) * math.log(27)
     assert got == pytest.approx(want, rel=1e-6)
@@ -84,7 +84,7 @@ def test_rolling_equals_md4_nelbo_of_the_chunks(model):
     text = text_of(3 * N, seed=5)
     got = textlm.loglikelihoods(model, [("", text)], mc_samples=4, seed=3)[0]
     chunks = eval_chunks(torch.tensor(CharTokenizer().encode(text)), N)
-    want = -sequence_nelbo(model.diffusion, model.net, chunks, mc_samples=4, seed=3).sum().item()
+    want = -sequence_nelbo(model.method, model.net, chunks, mc_samples=4, seed=3).sum().item()
     assert got == pytest.approx(want, rel=1e-9)
     # the text is normalized as the training data was: case and punctuation do not change the number
     assert textlm.loglikelihoods(model, [("", text.upper().replace(" ", ", "))], mc_samples=4, seed=3)[0] == \
@@ -100,7 +100,7 @@ def test_split_ids_keeps_the_boundary_space(model):
 def test_greedy_verdict(model):
     ctx = "the man said that it"
     x = torch.tensor(CharTokenizer().encode(ctx + "    ")).long()[None]
-    x[:, len(ctx):] = model.diffusion.mask_id
+    x[:, len(ctx):] = model.method.mask_id
     best = model.net(x, torch.ones(1)).argmax(-1)[0, len(ctx):]
     cont = CharTokenizer().decode(best)
     other = CharTokenizer().decode((best + 1) % 27)
@@ -121,7 +121,7 @@ def test_generate_keeps_prompt_and_stops(model):
 def test_refuses_what_it_cannot_score(model):
     with pytest.raises(UserError, match="mc_samples must be at least 1"):
         textlm.loglikelihoods(model, [("a", "b")], mc_samples=0)
-    assert isinstance(model.diffusion, MD4)
+    assert isinstance(model.method, MD4)
 
 
 HARNESS_SCRIPT = r"""
@@ -176,7 +176,7 @@ def test_harness_on_local_tasks(trained_run, model, tmp_path):
     out = json.loads(r.stdout.split("RESULT ")[-1])
     # rolling: md4's own NELBO of the two chunks, same seed and draws
     chunks = eval_chunks(torch.tensor(CharTokenizer().encode(text)), N)
-    want = -sequence_nelbo(model.diffusion, model.net, chunks, mc_samples=4, seed=3, batch_size=8).sum().item()
+    want = -sequence_nelbo(model.method, model.net, chunks, mc_samples=4, seed=3, batch_size=8).sum().item()
     assert out["md4_rolling"][0][0][0] == pytest.approx(want, rel=1e-6)
     # multiple choice: the harness's requests, scored by md4.textlm in the same order, give its numbers
     pairs = [tuple(a) for a in out["args"]["md4_choice"]]

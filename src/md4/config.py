@@ -44,9 +44,11 @@ def _check_positive(section, prefix: str, names: tuple[str, ...]) -> None:
 
 @dataclass
 class ModelConfig:
-    """The backbone: the transformer (md4.nn.Transformer) or, for images, the U-Net (md4.nn.UNet)."""
+    """The network: `arch` names a backbone of md4.nn.BACKBONES, which reads the keys it uses:
+    the transformer (md4.nn.Transformer) dim ... pos2d, the U-Net (md4.nn.UNet, images) unet_*;
+    time_cond, num_classes and dropout serve both."""
 
-    arch: str = "transformer"  # transformer or unet; time_cond, num_classes and dropout serve both
+    arch: str = "transformer"
     dim: int = 256
     layers: int = 4
     heads: int = 4
@@ -66,8 +68,10 @@ class ModelConfig:
     unet_heads: int = 1
 
     def __post_init__(self):
-        if self.arch not in ("transformer", "unet"):
-            raise UserError(f"Config key model.arch must be transformer or unet, got {self.arch!r}.")
+        from md4.nn import BACKBONES
+
+        if self.arch not in BACKBONES:
+            raise UserError(f"Config key model.arch must be one of {', '.join(BACKBONES)}, got {self.arch!r}.")
         _check_positive(self, "model", ("dim", "layers", "heads", "cond_dim",
                                         "unet_ch", "unet_res_blocks", "unet_heads"))
         if not self.unet_mults or min(self.unet_mults) < 1:
@@ -137,9 +141,11 @@ class SampleConfig:
     num: int = 4
 
     def __post_init__(self):
+        from md4.sampling import GRIDS
+
         _check_positive(self, "sample", ("steps", "num"))
-        if self.grid not in ("cosine", "uniform"):
-            raise UserError(f"Config key sample.grid must be cosine or uniform, got {self.grid!r}.")
+        if self.grid not in GRIDS:
+            raise UserError(f"Config key sample.grid must be one of {', '.join(GRIDS)}, got {self.grid!r}.")
 
 
 @dataclass

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from md4 import schedules
-from md4.diffusion import MD4, Denoiser, antithetic_times, given
+from md4.diffusion import MD4, Denoiser, antithetic_times
 from md4.errors import UserError
 from md4.truncation import NO_TRUNCATION, Truncation
 
@@ -49,7 +49,7 @@ from md4.truncation import NO_TRUNCATION, Truncation
 class LearnablePoly(nn.Module, schedules.Schedule):
     """alpha_{t,i} = (1 - 2 eps)(1 - t^{w_i}) + eps for each token value i: one exponent per token.
 
-    `log_w` [V] is the nn.Parameter (saved as "diffusion.schedule.log_w"); `w` = exp(log_w).
+    `log_w` [V] is the nn.Parameter (saved as "method.schedule.log_w"); `w` = exp(log_w).
     alpha(t), dalpha(t), weight(t): t [*S] -> [*S, V] (the formulas of md4.schedules.Schedule)."""
 
     name = "learnable-poly"
@@ -75,11 +75,11 @@ class LearnablePoly(nn.Module, schedules.Schedule):
         t = (t if t.is_floating_point() else t.float()).unsqueeze(-1)
         return t, self.w.to(t.dtype)
 
-    def raw(self, t):
+    def alpha_raw(self, t):
         t, w = self._t_and_w(t)
         return 1 - t**w  # torch's gradient of 0^w with respect to w is 0, not NaN
 
-    def draw(self, t):
+    def dalpha_raw(self, t):
         t, w = self._t_and_w(t)
         # finite at t = 0 for w < 1, as md4.schedules.Poly, so that no mask times the weight is 0
         return -w * t.clamp(min=torch.finfo(t.dtype).tiny) ** (w - 1)
@@ -103,7 +103,9 @@ class GenMD4(MD4):
     more as t changes), so md4.pretrained.build gives GenMD4 a time-conditioned network only.
     """
 
-    needs_time_cond = True
+    description = "GenMD4: masked diffusion with a learned masking schedule per token (Shi et al. 2024)"
+    shared_schedule = False  # alpha_t is [*t.shape, V]: the jump and confidence samplers do not apply
+    needs_time_cond = True  # its exact denoiser depends on t unless all w are equal
 
     def __init__(self, vocab_size: int, w=None, t1: float = 1e-3):
         super().__init__(vocab_size, LearnablePoly(vocab_size, w))
@@ -113,7 +115,7 @@ class GenMD4(MD4):
 
     @classmethod
     def from_config(cls, vocab_size: int, cfg) -> GenMD4:
-        """Built by md4.pretrained.build: cfg.schedule gives the initial exponent of every token,
+        """Built by md4.build.build: cfg.schedule gives the initial exponent of every token,
         "linear" (w = 1) or "polyK" (w = K)."""
         sched = schedules.get(cfg.schedule)
         if not isinstance(sched, (schedules.Linear, schedules.Poly)):
@@ -183,25 +185,18 @@ class GenMD4(MD4):
             term = -rate_i * logp_i + spread
         return torch.where(xt == self.mask_id, term, torch.zeros_like(term)).sum(-1)
 
-    def nelbo(self, denoiser: Denoiser, x0: torch.Tensor, timesteps: int = 0, generator=None,
-              t: torch.Tensor | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
-        """One-sample unbiased estimate of the negative ELBO of each sequence: [B] nats.
+    # nelbo: MD4's skeleton with the hooks below (the cut-off in continuous time, the reconstruction term)
+    def bound_times(self, t: torch.Tensor, timesteps: int = 0) -> torch.Tensor:
+        """Continuous time: t1 + (1 - t1) t (`cutoff_times`); timesteps = T: MD4's grid i/T, no cut-off."""
+        return super().bound_times(t, timesteps) if timesteps else self.cutoff_times(t)
 
-        As MD4.nelbo, t [B] in [0, 1) are the uniform draws (antithetic when not given), and
-        `known` [B, N] bool gives the bound on the other positions given these. Continuous time: the
-        bound with cut-off, (1 - t1) x the masked terms at t1 + (1 - t1) t plus the reconstruction
-        term. timesteps = T > 0: the discrete-time bound (t rounded up to the grid i/T, no cut-off)
-        plus MD4's reconstruction term eps log V per free position."""
-        if t is None:
-            t = antithetic_times(len(x0), generator, x0.device)
-        if timesteps:
-            t = (torch.floor(t * timesteps) + 1) / timesteps
-            xt = given(self.forward_sample(x0, t, generator), x0, known)
-            return (self.masked_terms(denoiser(xt, t), x0, xt, t, timesteps)
-                    + self.reconstruction(x0, at=0.0, known=known))
-        t = self.cutoff_times(t)
-        xt = given(self.forward_sample(x0, t, generator), x0, known)
-        return (1 - self.t1) * self.masked_terms(denoiser(xt, t), x0, xt, t) + self.reconstruction(x0, known=known)
+    def time_weight(self, timesteps: int = 0) -> float:
+        """1 - t1 in continuous time (the length of [t1, 1]), 1 on the discrete grid."""
+        return 1.0 if timesteps else 1 - self.t1
+
+    def constant_terms(self, x0: torch.Tensor, known: torch.Tensor | None = None, timesteps: int = 0) -> torch.Tensor:
+        """The reconstruction term for [0, t1] ([B]); on the discrete grid MD4's, eps log V per free position."""
+        return self.reconstruction(x0, at=0.0 if timesteps else None, known=known)
 
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator=None, t: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss (scalar, nats per sequence): two draws x_t^(1), x_t^(2) at the same t.
@@ -215,12 +210,12 @@ class GenMD4(MD4):
         NELBO (tests/test_genmd4.py checks it exactly). Costs two denoiser passes of the batch."""
         if t is None:
             t = antithetic_times(len(x0), generator, x0.device)
-        x0_2, t_2 = torch.cat([x0, x0]), self.cutoff_times(torch.cat([t, t]))
+        x0_2, t_2 = torch.cat([x0, x0]), self.bound_times(torch.cat([t, t]))
         xt = self.forward_sample(x0_2, t_2, generator)
-        L1, L2 = ((1 - self.t1) * self.masked_terms(denoiser(xt, t_2), x0_2, xt, t_2)).chunk(2)
+        L1, L2 = (self.time_weight() * self.masked_terms(denoiser(xt, t_2), x0_2, xt, t_2)).chunk(2)
         q1, q2 = self.log_q(x0_2, xt, t_2).chunk(2)
         reinforce = 0.5 * (L1 - L2).detach() * (q1 - q2)
-        return (0.5 * (L1 + L2) + reinforce - reinforce.detach() + self.reconstruction(x0)).mean()
+        return (0.5 * (L1 + L2) + reinforce - reinforce.detach() + self.constant_terms(x0)).mean()
 
     # ----------------------------------------------------------------- reverse process
     def reveal(self, logits: torch.Tensor, t: float, s: float, truncate: Truncation = NO_TRUNCATION):

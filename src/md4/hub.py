@@ -55,7 +55,7 @@ def resolve(path: str | Path, revision: str | None = None) -> Path:
         from huggingface_hub import errors
     except ImportError:
         raise UserError(f"No model or run folder at {path}; to load it from the Hugging Face Hub, {INSTALL}.")
-    from md4 import __version__
+    from md4.version import __version__
 
     try:
         folder = Path(huggingface_hub.snapshot_download(

@@ -52,7 +52,7 @@ class MD4LM(LM):
 
     @property
     def tokenizer_name(self) -> str:
-        return textlm.tokenizer_name(self.model)
+        return self.model.tokenizer.name
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """(bound on log p(continuation | context) in nats, is_greedy) per request; is_greedy is

@@ -87,7 +87,7 @@ def sample_grid(model, num: int, path: str | Path, steps: int | None = None, gri
         labels = torch.full((num,), int(labels), dtype=torch.long)
     recorder = Recorder(index=None) if trace else None
     g = torch.Generator(model.device).manual_seed(seed)
-    x = model.diffusion.sample(model.denoiser(labels, guidance_weight), num, model.length,
+    x = model.method.sample(model.denoiser(labels, guidance_weight), num, model.length,
                                steps=steps or model.config.sample.steps, grid=grid or model.config.sample.grid,
                                generator=g, device=model.device, progress=progress, callback=recorder)
     scale = default_scale(tok)
@@ -136,7 +136,7 @@ def inpaint(model, images: torch.Tensor, path: str | Path, region: str = "center
     images = images.long().to(model.device)
     keep = region_mask(tok, region).to(model.device).expand_as(images)
     g = torch.Generator(model.device).manual_seed(seed)
-    filled = guidance.infill(model.diffusion, model.denoiser(labels, guidance_weight), images, keep,
+    filled = guidance.infill(model.method, model.denoiser(labels, guidance_weight), images, keep,
                              steps=steps or model.config.sample.steps, grid=grid or model.config.sample.grid,
                              generator=g, progress=progress)
     masked = torch.where(keep, images, torch.full_like(images, tok.mask_id))

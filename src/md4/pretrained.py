@@ -1,4 +1,4 @@
-"""Build a model from a config, and load a trained one for evaluation and sampling.
+"""Load a trained model for evaluation and sampling (md4.build builds untrained ones).
 
     m = md4.load("runs/demo")          # a run folder, or a model folder (config.json + model.safetensors)
     x = m.sample(4, steps=256)         # [4, N] long
@@ -14,119 +14,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from md4 import checkpoint, hub
-from md4.ar import AR
+from md4.build import TOKENIZERS, Bundle, build, resolve_device, upgrade_weights
 from md4.config import Config, from_dict
-from md4.data import CharTokenizer, ImageTokenizer, split_labels
-from md4.data.bpe import GPT2Tokenizer
-from md4.data.images import is_image_corpus, tokenizer_for
-from md4.diffusion import MD4
 from md4.errors import UserError
-from md4.genmd4 import GenMD4
-from md4.nn import Transformer, UNet
-from md4.sedd import SEDD
+from md4.method import Method
+from md4.nn import Backbone
 from md4.validate import fail, field, known_keys, mapping, one_of
-
-# Training methods: name -> class. A method is an nn.Module built as cls(vocab_size, schedule)
-# with loss(net, x0, generator) (scalar, nats per sequence), nelbo(net, x0, timesteps, generator, t)
-# ([B] nats) and sample(net, num_samples, length, ...); its parameters (a learnable schedule)
-# are trained with the network and saved with it. A class attribute `causal = True` asks for a
-# causal network, `needs_time_cond = True` for a network that sees t (a new model with
-# model.time_cond=false is refused). A class with a classmethod from_config(vocab_size, cfg) is
-# built by it instead.
-# Baselines (issue 4): "ar" (causal, exact likelihood) and "sedd" (score entropy, absorbing);
-# D3PM-absorb is "md4" evaluated with --timesteps 1000.
-METHODS = {"md4": MD4, "genmd4": GenMD4, "ar": AR, "sedd": SEDD}
-# built with config.json's "tokenizer_args": the whole numbers each tokenizer's ARGS names
-TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "image": ImageTokenizer}
-
-
-class Bundle(nn.Module):
-    """The method and the network as one module: what is trained, averaged (EMA) and saved.
-
-    Saved weights are keyed "net.*" and "diffusion.*" (the latter only when the method has
-    parameters or buffers, e.g. GenMD4's exponents)."""
-
-    def __init__(self, diffusion: nn.Module, net: nn.Module):
-        super().__init__()
-        self.diffusion = diffusion
-        self.net = net
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """"auto" = cuda when available, else cpu; UserError for an unknown or unavailable device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"Unknown device {name!r}; use auto, cpu or cuda.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"Device {name!r} was asked for but torch sees no CUDA GPU; use cpu or auto.")
-    return device
-
-
-def method_class(name: str):
-    if name not in METHODS:
-        raise UserError(f"Unknown method {name!r}; choose one of {', '.join(METHODS)}.")
-    return METHODS[name]
-
-
-def build(cfg: Config, vocab_size: int, saved: bool = False) -> tuple[MD4, Transformer]:
-    """(diffusion model, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens.
-    saved=True rebuilds a trained model as it was saved, without the checks for new models."""
-    cls = method_class(cfg.method)
-    if getattr(cls, "needs_time_cond", False) and not cfg.model.time_cond and not saved:
-        raise UserError(f"Method {cfg.method} needs a network that sees t (its exact denoiser depends on t); "
-                        f"set model.time_cond=true.")
-    from_config = getattr(cls, "from_config", None)
-    diffusion = from_config(vocab_size, cfg) if from_config else cls(vocab_size, cfg.schedule)
-    m = cfg.model
-    if m.arch == "unet":
-        return diffusion, unet(cfg, vocab_size, getattr(cls, "causal", False))
-    if m.dim % m.heads:
-        raise UserError(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads}).")
-    image = {}
-    if m.num_classes:
-        image["num_classes"] = m.num_classes
-    if m.pos2d:
-        if not is_image_corpus(cfg.data.corpus):
-            raise UserError(f"model.pos2d needs an image dataset, but data.corpus is {cfg.data.corpus!r}.")
-        image["image_shape"] = tokenizer_for(cfg.data.corpus).shape
-    net = Transformer(vocab_size, dim=m.dim, layers=m.layers, heads=m.heads, mlp_ratio=m.mlp_ratio,
-                      glu=m.glu, time_cond=m.time_cond, cond_dim=m.cond_dim, dropout=m.dropout,
-                      max_len=max(cfg.data.length, 1024), **image,
-                      **({"causal": True} if getattr(cls, "causal", False) else {}))
-    return diffusion, net
-
-
-def unet(cfg: Config, vocab_size: int, causal: bool) -> UNet:
-    """The U-Net of model.arch=unet, over the images of data.corpus."""
-    m, corpus = cfg.model, cfg.data.corpus
-    if causal:
-        raise UserError(f"Method {cfg.method} needs a causal network, which model.arch=unet is not; use transformer.")
-    if not is_image_corpus(corpus):
-        raise UserError(f"model.arch=unet needs an image dataset, but data.corpus is {corpus!r}.")
-    shape = tokenizer_for(corpus).shape
-    if cfg.data.length != shape[0] * shape[1] * shape[2]:
-        raise UserError(f"model.arch=unet takes whole images: data.length must be {shape[0] * shape[1] * shape[2]} "
-                        f"for {corpus}, not {cfg.data.length}.")
-    if any(m.unet_ch * k % m.unet_heads for k in m.unet_mults):
-        raise UserError(f"model.unet_heads ({m.unet_heads}) must divide every width model.unet_ch x model.unet_mults.")
-    return UNet.from_config(m, vocab_size, shape)
 
 
 @dataclass
 class Pretrained:
-    """A trained model: config, diffusion process, network (in eval mode) and tokenizer."""
+    """A trained model: config, method (MD4, GenMD4, SEDD, AR), network (in eval mode) and tokenizer."""
 
     config: Config
-    diffusion: MD4
-    net: Transformer
+    method: Method
+    net: Backbone
     tokenizer: object
     source: Path
+
+    @property
+    def diffusion(self) -> Method:
+        """The method under its earlier name."""
+        return self.method
 
     @property
     def length(self) -> int:
@@ -138,7 +49,7 @@ class Pretrained:
 
     def to(self, device) -> "Pretrained":
         self.net.to(device)
-        self.diffusion.to(device)
+        self.method.to(device)
         return self
 
     @property
@@ -171,7 +82,7 @@ class Pretrained:
         """UserError unless the network's logits for one fully masked sequence (t = 1, no label) are
         finite: with weights that overflow, every sampler would draw the same token everywhere,
         silently. One forward pass of one sequence."""
-        x = torch.full((1, self.length), self.diffusion.mask_id, device=self.device)
+        x = torch.full((1, self.length), self.method.mask_id, device=self.device)
         if not torch.isfinite(self.net(x, torch.ones(1, device=self.device))).all():
             raise UserError(f"Model {self.source} predicts non-finite logits for a fully masked sequence; "
                             f"its weights overflow or are damaged.")
@@ -197,8 +108,8 @@ class Pretrained:
         denoiser = self.denoiser(labels, guidance)
         g = torch.Generator(self.device).manual_seed(seed)
         steps, grid = self.schedule(steps, grid)
-        return self.diffusion.sample(denoiser, num, length, steps=steps, grid=grid, generator=g, device=self.device,
-                                     progress=progress, **kwargs)
+        return self.method.sample(denoiser, num, length, steps=steps, grid=grid, generator=g, device=self.device,
+                                  progress=progress, **kwargs)
 
     def schedule(self, steps: int | None = None, grid: str | None = None) -> tuple[int, str]:
         """(steps, grid) for sampling: the ones given, else the config's sample.steps and sample.grid
@@ -273,32 +184,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", revision: str | N
     ("org/name", "org/name@revision"; md4.hub), for evaluation and sampling."""
     folder = model_folder(hub.resolve(path, revision))
     cfg, tokenizer = read_model_config(folder)
-    diffusion, net = build(cfg, tokenizer.vocab_size, saved=True)
-    weights = checkpoint.read_weights(folder / "model.safetensors")
-    checkpoint.load_into(Bundle(diffusion, net), weights, folder)
+    method, net = build(cfg, tokenizer.vocab_size, saved=True)
+    weights = upgrade_weights(checkpoint.read_weights(folder / "model.safetensors"))
+    checkpoint.load_into(Bundle(method, net), weights, folder)
     net.eval()
-    diffusion.eval()
-    return Pretrained(cfg, diffusion, net, tokenizer, folder).to(resolve_device(device))
-
-
-def model_metadata(cfg: Config, vocab_size: int, tokenizer: str = "char", tokenizer_args: dict | None = None) -> dict:
-    """What config.json holds: the config plus what is needed to rebuild the model."""
-    meta = {"format": "md4", "vocab_size": vocab_size, "tokenizer": tokenizer, "config": cfg.to_dict()}
-    if tokenizer_args:
-        meta["tokenizer_args"] = tokenizer_args
-    return meta
-
-
-def check_labels(corpus, split: str, num_classes: int) -> torch.Tensor | None:
-    """The split's labels [M] long when the model is class-conditional (num_classes > 0), else
-    None; a UserError when the data has no labels or labels outside 0..num_classes-1."""
-    if not num_classes:
-        return None
-    labels = split_labels(corpus, split)
-    if labels is None:
-        raise UserError(f"model.num_classes={num_classes} asks for a class-conditional model, but corpus "
-                        f"{corpus.name!r} has no labels; set model.num_classes=0.")
-    if len(labels) and labels.max() >= num_classes:
-        raise UserError(f"Corpus {corpus.name!r} has labels up to {labels.max().item()}, but model.num_classes "
-                        f"is {num_classes}.")
-    return labels
+    method.eval()
+    return Pretrained(cfg, method, net, tokenizer, folder).to(resolve_device(device))

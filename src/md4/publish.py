@@ -22,15 +22,9 @@ from safetensors import safe_open
 
 from md4 import checkpoint, hub
 from md4.errors import UserError
+from md4.build import METHODS
 from md4.pretrained import model_folder
 
-# what each training method is, in one line of the card
-METHODS = {
-    "md4": "MD4: masked (absorbing) diffusion with one masking schedule for all tokens (Shi et al. 2024)",
-    "genmd4": "GenMD4: masked diffusion with a learned masking schedule per token (Shi et al. 2024)",
-    "ar": "an autoregressive baseline (the same transformer, causal, next-token loss; exact likelihood)",
-    "sedd": "SEDD absorbing: score-entropy discrete diffusion with the log-linear schedule (Lou et al. 2024)",
-}
 # Hub pipeline tag by md4 tokenizer
 PIPELINES = {"char": "text-generation", "gpt2": "text-generation", "image": "unconditional-image-generation"}
 TOKENIZERS = {"char": "characters: space and a-z (27 symbols, text8 normalization)",
@@ -80,7 +74,7 @@ def model_card(meta: dict, repo_id: str, params: int, numbers: dict, license: st
              "tags": ["md4", "masked-diffusion", "discrete-diffusion", method], "pipeline_tag": PIPELINES.get(tok)}
     m, d = cfg["model"], cfg["data"]
     lines = [f"---\n{yaml.safe_dump(front, sort_keys=False)}---", "", f"# {repo_id}", "",
-             f"A {METHODS.get(method, method)} model trained with md4, a PyTorch library for masked diffusion.", "",
+             f"A {METHODS[method].description if method in METHODS else method} model trained with md4, a PyTorch library for masked diffusion.", "",
              "| | |", "|---|---|",
              f"| method | `{method}`, schedule `{cfg.get('schedule')}` |",
              f"| network | transformer: {m['layers']} layers, width {m['dim']}, {m['heads']} heads"

@@ -22,11 +22,13 @@ top-p), which changes which token a position takes, never when it is revealed (t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from md4.diffusion import categorical
+from md4.categorical import categorical
 from md4.errors import UserError
 from md4.reveal import confidence, jump, select_rows
 from md4.truncation import NO_TRUNCATION, Truncation
@@ -69,9 +71,10 @@ def _default_device(denoiser, device):
 
 
 def ignores_time(denoiser) -> bool:
-    """Whether the denoiser is known to ignore t: an md4.nn.Transformer built with time_cond=False,
-    or a wrapper of one that adds class labels or guidance (md4.guidance: its `net`)."""
-    return getattr(getattr(denoiser, "net", denoiser), "time_cond", None) is False
+    """Whether the denoiser declares that it ignores t: `uses_time = False` on an md4.nn backbone
+    built without time conditioning, or on an md4.guidance wrapper of one. Any other callable is
+    taken to use t."""
+    return getattr(denoiser, "uses_time", True) is False
 
 
 def mean_step(model, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None,
@@ -112,8 +115,7 @@ def _walk(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator, trunc
 
 @torch.no_grad()
 def ancestral(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-              truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
-              time_independent: bool = False) -> torch.Tensor:
+              truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False) -> torch.Tensor:
     """The ancestral sampler (the paper's Algorithm 2): x [B, N] long (masks where to generate)
     -> [B, N]; one denoiser call and one `model.reverse_step` per grid step."""
     return _walk(model, denoiser, x, grid, generator, truncate, callback, progress, False, model.reverse_step)
@@ -121,28 +123,23 @@ def ancestral(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=No
 
 @torch.no_grad()
 def cached(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-           truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
-           time_independent: bool = False) -> torch.Tensor:
+           truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False) -> torch.Tensor:
     """`ancestral` with the prediction reused while a sample does not change: valid only when the
-    denoiser ignores t (time_independent). Calls per sample = steps in which it changed (plus
-    the first), at most min(T, N + 1)."""
-    if not time_independent:
-        raise UserError("The cached sampler needs a denoiser that ignores t (a model trained with "
-                        "model.time_cond=false); use ancestral or jump for this one.")
+    denoiser ignores t (its registry entry says so; `sample` checks it). Calls per sample = steps
+    in which it changed (plus the first), at most min(T, N + 1)."""
     return _walk(model, denoiser, x, grid, generator, truncate, callback, progress, True, model.reverse_step)
 
 
 @torch.no_grad()
 def mean(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-         truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
-         time_independent: bool = False) -> torch.Tensor:
+         truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False) -> torch.Tensor:
     """The two-stage sampler (the reference code's `mean` sampler; the paper, App. G, found it worse
     than the one-stage step with float32 draws, not a difference in law): each step draws a full x_0
     from mu_theta, then reveals it at each masked position with probability
     (alpha_s - alpha_t) / (1 - alpha_t). x [B, N] -> [B, N]. With a token-dependent schedule
     (GenMD4) the reveal probability depends on the drawn x_0, so truncating mu would change when
     tokens are revealed: that combination is refused (the ancestral sampler keeps it)."""
-    if not truncate.identity and model.schedule.alpha(torch.tensor(0.5, dtype=torch.float64)).dim():
+    if not truncate.identity and not model.shared_schedule:
         raise UserError(f"With temperature, top-k or top-p the mean sampler would change when the tokens of a "
                         f"{type(model).__name__} model are revealed; use the ancestral sampler.")
 
@@ -152,13 +149,54 @@ def mean(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *
     return _walk(model, denoiser, x, grid, generator, truncate, callback, progress, False, step)
 
 
-SAMPLERS = {"ancestral": ancestral, "cached": cached, "mean": mean, "jump": jump, "confidence": confidence}
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler, `run(model, denoiser, x [B, N], grid [T+1], generator, *, truncate, callback,
+    progress) -> [B, N]`, and what it needs: `needs` names md4.method.Method capabilities that must
+    hold for the model, `time_independent` asks for a denoiser that ignores t."""
+
+    run: Callable
+    needs: tuple[str, ...] = ("reverse_process",)
+    time_independent: bool = False
 
 
-def get_sampler(name: str):
+SAMPLERS = {
+    "ancestral": Sampler(ancestral),
+    "cached": Sampler(cached, time_independent=True),
+    "mean": Sampler(mean, ("reverse_process", "predicts_mean")),
+    "jump": Sampler(jump, ("reverse_process", "predicts_mean", "shared_schedule")),
+    "confidence": Sampler(confidence, ("reverse_process", "predicts_mean", "shared_schedule")),
+}
+# what a method lacks, for the error that names it
+LACKS = {"reverse_process": "draws on its own, with no time grid",
+         "predicts_mean": "has its own reverse step, not a mean prediction to draw tokens from",
+         "shared_schedule": "has one masking schedule per token, not one for all tokens"}
+
+
+def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise UserError(f"Unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
     return SAMPLERS[name]
+
+
+def supported_samplers(model) -> list[str]:
+    """The names of the samplers whose needs the method `model` (an md4.method.Method) meets."""
+    return [name for name, s in SAMPLERS.items() if all(getattr(model, need) for need in s.needs)]
+
+
+def check_sampler(model, name: str, time_independent: bool = False) -> Sampler:
+    """The sampler `name` if the model (and a denoiser that ignores t, or not) meets its needs,
+    else a UserError saying what is missing and which samplers apply."""
+    sampler = get_sampler(name)
+    lacking = [need for need in sampler.needs if not getattr(model, need)]
+    if lacking:
+        fits = supported_samplers(model)
+        raise UserError(f"The {name} sampler does not apply: {type(model).__name__} {LACKS[lacking[0]]}"
+                        + (f"; use {' or '.join(fits)}." if fits else "."))
+    if sampler.time_independent and not time_independent:
+        raise UserError(f"The {name} sampler needs a denoiser that ignores t (a model trained with "
+                        "model.time_cond=false); use ancestral or jump for this one.")
+    return sampler
 
 
 @torch.no_grad()
@@ -188,31 +226,28 @@ def sample(model, denoiser, num_samples: int, length: int, steps: int = 1000, gr
     block, window: semi-autoregressive generation (md4.conditional.blockwise): the first `window`
         positions at once, then `block` new positions at a time, each window conditioned on the
         last window - block positions generated.
-    time_independent: the denoiser ignores t (needed by `cached`); None = detect it on an
-        md4.nn.Transformer (time_cond=False).
+    time_independent: the denoiser ignores t (needed by `cached`); None = read it from the
+        denoiser's `uses_time` (md4.nn backbones and md4.guidance wrappers declare it).
     callback: called as callback(x [num_samples, length], t [num_samples]) after every step.
     """
     from md4.conditional import blockwise, initial_state
 
-    run = get_sampler(sampler)
-    if sampler not in ("ancestral", "cached") and not getattr(model, "predicts_mean", True):
-        raise UserError(f"The {sampler} sampler draws tokens from a mean prediction; "
-                        f"{type(model).__name__} has its own reverse step, use ancestral or cached.")
+    if time_independent is None:
+        time_independent = ignores_time(denoiser)
+    run = check_sampler(model, sampler, time_independent).run
     truncate = Truncation(temperature, top_k, top_p)
     for name, value in (("number of samples", num_samples), ("length", length)):
         if int(value) < 1:
             raise UserError(f"The {name} must be at least 1, got {value}.")
     device = _default_device(denoiser, device)
     times = time_grid(steps, grid)
-    if time_independent is None:
-        time_independent = ignores_time(denoiser)
     x = initial_state(num_samples, length, model.mask_id, known, known_mask, device)
 
     def generate(x_window, window_callback):
         if window_callback is not None:
             window_callback(x_window, torch.ones(len(x_window), dtype=torch.float64))
         out = run(model, denoiser, x_window, times, generator, truncate=truncate, callback=window_callback,
-                  progress=progress, time_independent=time_independent)
+                  progress=progress)
         out = fill_masks(model, denoiser, out)
         if window_callback is not None:
             window_callback(out, torch.zeros(len(out), dtype=torch.float64))

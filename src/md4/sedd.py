@@ -40,7 +40,7 @@ import math
 import torch
 
 from md4 import schedules
-from md4.diffusion import MD4, antithetic_times, free_positions, given
+from md4.diffusion import MD4, free_positions
 from md4.errors import UserError
 from md4.truncation import NO_TRUNCATION, Truncation
 
@@ -96,6 +96,7 @@ class SEDD(MD4):
     """SEDD absorbing with the log-linear schedule; shares MD4's forward process (mask each token
     with probability 1 - exp(-sigma_bar(t))) and sampler loop, with its own loss and reverse step."""
 
+    description = "SEDD absorbing: score-entropy discrete diffusion with the log-linear schedule (Lou et al. 2024)"
     continuous_time_only = True
     predicts_mean = False  # the network gives score ratios: only samplers that use reverse_step apply
 
@@ -109,20 +110,22 @@ class SEDD(MD4):
         """The t = 1 term: N eps log V nats (a fraction eps of tokens is unmasked, uniform under the prior)."""
         return length * self.schedule.eps * math.log(self.vocab_size)
 
-    def nelbo(self, denoiser, x0: torch.Tensor, timesteps: int = 0, generator=None,
-              t: torch.Tensor | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
-        """One-sample unbiased estimate of the score entropy bound of each sequence: [B] nats.
-        Times are antithetic across the batch unless `t` [B] is given. Continuous time only.
-        known [B, N] bool: the bound on the other positions given these (MD4.nelbo)."""
+    # nelbo (MD4's skeleton): one-sample unbiased estimate of the score entropy bound, [B] nats
+    def bound_times(self, t: torch.Tensor, timesteps: int = 0) -> torch.Tensor:
+        """Continuous time only; t below T_MIN is evaluated at T_MIN."""
         if timesteps:
             raise UserError("SEDD's bound is in continuous time only; leave --timesteps at 0 for a SEDD model.")
-        B, N = x0.shape
-        if t is None:
-            t = antithetic_times(B, generator, x0.device)
-        t = t.clamp(min=T_MIN)
-        xt = given(self.forward_sample(x0, t, generator), x0, known)
-        return (score_entropy(log_ratio(denoiser(xt, t)), x0, xt, t, self.schedule, self.mask_id)
-                + self.prior(free_positions(N, known)))
+        return t.clamp(min=T_MIN)
+
+    def masked_terms(self, logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                     timesteps: int = 0) -> torch.Tensor:
+        """The score entropy integrand at t: [B] nats (`score_entropy` of the network's output)."""
+        return score_entropy(log_ratio(logits), x0, xt, t, self.schedule, self.mask_id)
+
+    def constant_terms(self, x0: torch.Tensor, known: torch.Tensor | None = None, timesteps: int = 0) -> float:
+        """The prior term at t = 1 of the free positions (nothing is masked at t = 0: no
+        reconstruction term)."""
+        return self.prior(free_positions(x0.shape[1], known))
 
     def reveal(self, logits: torch.Tensor, t: float, s: float, truncate: Truncation = NO_TRUNCATION):
         """The Tweedie tau-leaping step from t to s < t at a masked position (see MD4.reveal for the

@@ -36,16 +36,15 @@ import numpy as np
 import torch
 
 from md4.conditional import text_condition
-from md4.diffusion import MD4
 from md4.errors import UserError
-from md4.sampling import SAMPLERS
+from md4.sampling import check_sampler, supported_samplers
 
 PAGE = Path(__file__).parent / "static" / "playground.html"
 MAX_IMAGES = 16
 
 
 def is_image(model) -> bool:
-    return getattr(model.tokenizer, "name", "") == "image"
+    return model.tokenizer.name == "image"
 
 
 def info(model, max_steps: int) -> dict:
@@ -53,7 +52,7 @@ def info(model, max_steps: int) -> dict:
     tok = model.tokenizer
     out = {"source": str(model.source), "method": model.config.method, "kind": "image" if is_image(model) else "text",
            "length": model.length, "steps": model.config.sample.steps, "max_steps": max_steps,
-           "samplers": list(SAMPLERS) if isinstance(model.diffusion, MD4) else [],
+           "samplers": supported_samplers(model.method),
            "num_classes": model.num_classes, "infill": hasattr(tok, "alphabet")}
     if hasattr(tok, "alphabet"):
         out["alphabet"] = tok.alphabet
@@ -97,10 +96,9 @@ def parse_request(model, params: dict, max_steps: int) -> dict:
     """model.sample keyword arguments (plus num) from the query parameters; a UserError for bad input."""
     opts = {"steps": _number(params, "steps", int, model.config.sample.steps, 1, max_steps),
             "seed": _number(params, "seed", int, 0, 0, 2**31 - 1)}
-    if isinstance(model.diffusion, MD4):
+    if model.method.reverse_process:
         sampler = params.get("sampler", ["ancestral"])[-1] or "ancestral"
-        if sampler not in SAMPLERS:
-            raise UserError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+        check_sampler(model.method, sampler, time_independent=not model.net.uses_time)
         opts.update(sampler=sampler, temperature=_number(params, "temperature", float, 1.0, 0.0, 10.0),
                     top_p=_number(params, "top_p", float, 1.0, 0.01, 1.0))
     if is_image(model):
@@ -111,7 +109,7 @@ def parse_request(model, params: dict, max_steps: int) -> dict:
                 opts["labels"] = _number(params, "label", int, 0, 0, model.num_classes - 1)
                 opts["guidance"] = _number(params, "guidance", float, 0.0, 0.0, 20.0)
         return opts
-    if not isinstance(model.diffusion, MD4):
+    if not model.method.reverse_process:
         raise UserError(f"The playground fills text with masked diffusion models; this one is {model.config.method}.")
     text = params.get("text", [""])[-1]
     mode = params.get("mode", ["infill"])[-1]
@@ -151,7 +149,7 @@ def run(model, opts: dict, emit) -> None:
         count["step"] += 1
 
     t0 = time.time()
-    x = model.sample(num, callback=callback, **opts) if isinstance(model.diffusion, MD4) else model.sample(num, **opts)
+    x = model.sample(num, callback=callback, **opts) if model.method.reverse_process else model.sample(num, **opts)
     emit("done", {**show(x), "seconds": round(time.time() - t0, 3)})
 
 

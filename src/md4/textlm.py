@@ -29,19 +29,15 @@ import torch
 
 from md4.data import normalize_text8
 from md4.errors import UserError
-from md4.evaluate import sequence_nelbo
+from md4.evaluate import bound_options, sequence_nelbo
 
 # text normalization by tokenizer name, applied before encoding (BPE takes raw text)
 NORMALIZE = {"char": normalize_text8}
 
 
-def tokenizer_name(model) -> str:
-    return getattr(model.tokenizer, "name", "char")
-
-
 def encode(model, text: str) -> list[int]:
     """Text -> token ids, normalized as the model's training text was; images are refused."""
-    name = tokenizer_name(model)
+    name = model.tokenizer.name
     if name == "image":
         raise UserError("This is an image model; text tasks need a text model.")
     text = NORMALIZE.get(name, str)(text)
@@ -74,7 +70,7 @@ def windows(length: int, start: int, size: int) -> list[tuple[int, int, int]]:
 
 def model_limit(model) -> int:
     """The longest window: the training length N (the network's position table may be longer)."""
-    return min(model.length, model.net.rope_cos.shape[0])
+    return min(model.length, model.net.max_len)
 
 
 @torch.no_grad()
@@ -82,23 +78,12 @@ def greedy(model, x: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """Whether each row's scored tokens are the argmax predictions: [B] bool. x [B, n] long,
     scored [B, n] bool. AR: next-token argmax given the true prefix. Masked diffusion: argmax of one
     parallel step from the scored positions all masked (t = 1), not the multi-step sampler's output."""
-    d, ones = model.diffusion, torch.ones(len(x), device=x.device)
-    if getattr(d, "causal", False):
+    d, ones = model.method, torch.ones(len(x), device=x.device)
+    if d.causal:
         logits = model.net(d.shift(x), torch.zeros_like(ones))
     else:
         logits = model.net(torch.where(scored, torch.full_like(x, d.mask_id), x), ones)
     return ((logits.argmax(-1) == x) | ~scored).all(-1)
-
-
-def bound_options(model, mc_samples: int, timesteps: int) -> tuple[int, int]:
-    """(mc_samples, timesteps) to use: checked; 1 and 0 for a model with an exact likelihood."""
-    if mc_samples < 1 or timesteps < 0:
-        raise UserError(f"mc_samples must be at least 1 and timesteps at least 0, got {mc_samples} and {timesteps}.")
-    if getattr(model.diffusion, "exact_likelihood", False):
-        return 1, 0
-    if timesteps and getattr(model.diffusion, "continuous_time_only", False):
-        raise UserError(f"A {model.config.method} model has a continuous-time bound only; leave timesteps at 0.")
-    return mc_samples, timesteps
 
 
 def loglikelihoods(model, pairs: list[tuple[str, str]], mc_samples: int = 1, timesteps: int = 0,
@@ -121,7 +106,7 @@ def loglikelihoods(model, pairs: list[tuple[str, str]], mc_samples: int = 1, tim
     for n, items in groups.items():
         x = torch.tensor([ids for _, ids, _ in items], dtype=torch.long)
         known = torch.arange(n)[None, :] < torch.tensor([f for _, _, f in items])[:, None]
-        nelbo = sequence_nelbo(model.diffusion, model.net, x, mc_samples=mc_samples, batch_size=batch_size,
+        nelbo = sequence_nelbo(model.method, model.net, x, mc_samples=mc_samples, batch_size=batch_size,
                                timesteps=timesteps, seed=seed, device=model.device, known=known)
         verdict = (torch.cat([greedy(model, xb.to(model.device), kb.to(model.device)).cpu()
                               for xb, kb in zip(x.split(batch_size), (~known).split(batch_size))])
@@ -143,9 +128,7 @@ def generate(model, prompts: list[str], until: list[str] = (), max_tokens: int =
     """For each prompt, `max_tokens` new tokens (at most N - 1 with a prompt) generated after it by
     md4's samplers, with the prompt (cut on the left to fit the window) as known positions;
     the text is cut at the first stop string."""
-    from md4.diffusion import MD4
-
-    if not isinstance(model.diffusion, MD4):
+    if not model.method.reverse_process:
         raise UserError(f"Generation after a prompt needs a masked diffusion model, not {model.config.method}.")
     size = model_limit(model)
     if max_tokens < 1:

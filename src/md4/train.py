@@ -33,13 +33,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from md4 import checkpoint, distributed
+from md4.build import Bundle, build, model_metadata, upgrade_optimizer, upgrade_weights
 from md4.config import Config, check_resume, load_config
-from md4.data import draw_batch, eval_chunks, load_corpus
+from md4.data import check_labels, eval_chunks, load_corpus
 from md4.errors import UserError
 from md4.evaluate import sequence_nelbo, summarize
-from md4.guidance import with_labels
 from md4.logsinks import Metrics
-from md4.pretrained import Bundle, build, check_labels, model_metadata
 
 
 clock = time.monotonic  # training seconds are measured with this (tests replace it)
@@ -104,7 +103,7 @@ def make_optimizer(model: Bundle, cfg, device: torch.device) -> torch.optim.Adam
     decay = [p for p in model.net.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.net.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    own = list(model.diffusion.parameters())
+    own = list(model.method.parameters())
     if own:
         groups.append({"params": own, "weight_decay": cfg.schedule_weight_decay, "lr_scale": cfg.schedule_lr_scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
@@ -175,7 +174,6 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     tc = cfg.train
     device = par.device
     micro = par.check_batch(tc.batch_size, tc.micro_batch)
-    accumulate = par.active or micro < tc.batch_size  # else the plain single-process step below
     bf16 = use_bf16(tc.bf16, device)
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
@@ -185,10 +183,10 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     corpus = load_corpus(cfg.data.corpus, min_length=cfg.data.length)
     V, N = corpus.tokenizer.vocab_size, cfg.data.length
     torch.manual_seed(tc.seed)
-    diffusion, net = build(cfg, V)
-    model = Bundle(diffusion, net).to(device)
+    method, net = build(cfg, V)
+    model = Bundle(method, net).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    ema_net, ema_diffusion = ema.net, ema.diffusion
+    ema_net, ema_method = ema.net, ema.method
     loss_module = par.wrap(model, ema)  # FSDP shards model and ema in place, before the optimizer sees them
     if tc.compile:
         net.compile()
@@ -209,10 +207,10 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     found = checkpoint.checkpoints(run_dir)
     if found:
         ck = checkpoint.load_checkpoint(found[-1])
-        par.load_weights(model, ck["model"], found[-1])
-        par.load_weights(ema, ck["ema"], found[-1])
+        par.load_weights(model, upgrade_weights(ck["model"]), found[-1])
+        par.load_weights(ema, upgrade_weights(ck["ema"]), found[-1])
         try:
-            par.load_optimizer(model, opt, ck["optim"])
+            par.load_optimizer(model, opt, upgrade_optimizer(ck["optim"]))
         except (ValueError, KeyError, RuntimeError):
             raise UserError(f"Optimizer state in {found[-1]} does not match the model configuration.")
         st = ck["state"]
@@ -261,7 +259,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
             metrics.commit()
 
     def validate(step: int) -> float:
-        nelbo = sequence_nelbo(ema_diffusion, ema_net, valid, batch_size=tc.batch_size, seed=tc.seed, device=device,
+        nelbo = sequence_nelbo(ema_method, ema_net, valid, batch_size=tc.batch_size, seed=tc.seed, device=device,
                                autocast_dtype=torch.bfloat16 if bf16 else None, labels=valid_labels)
         bpc = summarize(nelbo, N)["bits_per_token"]
         metrics.log(step, valid_bpc=bpc)
@@ -285,19 +283,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
         lr = lr_at(step, tc, elapsed, warm or 0.0)
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        if accumulate:  # several processes or micro-batches (md4.distributed)
-            loss = par.forward_backward(loss_module, model, corpus, tc.batch_size, micro, N, data_gen,
-                                        tc.seed, step, device, bf16, num_classes, tc.label_dropout)
-        else:
-            x0, y = draw_batch(corpus, tc.batch_size, N, data_gen, labels=num_classes > 0,  # random crops (text)
-                               label_dropout=tc.label_dropout, null_label=num_classes)  # or rows (images)
-            if device.type == "cuda":  # a copy from pageable memory would wait for the GPU: a host sync
-                x0 = x0.pin_memory()
-            x0 = x0.to(device, non_blocking=True)
-            y = y.to(device) if y is not None else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = diffusion.loss(with_labels(net, y), x0, generator=noise_gen) / N  # nats per token
-            loss.backward()
+        loss = par.forward_backward(loss_module, model, corpus, tc.batch_size, micro, N, data_gen, tc.seed, step,
+                                    device, bf16, num_classes, tc.label_dropout, noise=noise_gen)  # nats per token
         gnorm = par.clip_grad_norm(params, tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -344,8 +331,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     states = par.state_dicts(model, ema, opt) if par.mode == "fsdp" else (None, ema.state_dict(), None)
     if par.main:
         tok = corpus.tokenizer
-        checkpoint.save_model(model_dir, model_metadata(cfg, V, getattr(tok, "name", "char"),
-                                                        getattr(tok, "args", dict)()), states[1])
+        checkpoint.save_model(model_dir, model_metadata(cfg, V, tok.name, tok.args()), states[1])
         plot_curves(run_dir)
     par.barrier()
     return model_dir

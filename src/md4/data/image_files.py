@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from md4.data.corpus import cache_dir, data_dirs, fetch, read_bytes
+from md4.data.corpus import cache_dir, data_dirs, download, read_bytes
 from md4.errors import UserError
 
 # IDX type codes (the third byte of the magic number) -> numpy dtype (big-endian).
@@ -42,14 +42,6 @@ def find_dir(subdir: str, required: tuple[str, ...]) -> Path | None:
         if all((d / subdir / f).is_file() for f in required):
             return d / subdir
     return None
-
-
-def download(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Fetch url to dest through a temporary file and a rename; a UserError when it fails."""
-    try:
-        return fetch(url, dest, timeout)
-    except Exception as e:
-        raise UserError(f"Could not download {url} ({e}); download it yourself and put it in {dest.parent}.") from None
 
 
 def fetch_dir(subdir: str, files: tuple[str, ...], base_url: str | None, what: str) -> Path:

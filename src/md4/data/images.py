@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from md4.data import image_files as files
+from md4.data.corpus import SPLITS, Splits
 from md4.errors import UserError
 
-SPLITS = ("train", "valid", "test")
 VALID_FRACTION = 0.02
 
 
@@ -52,7 +52,7 @@ class ImageTokenizer:
         return self.height, self.width, self.channels
 
     def args(self) -> dict:
-        """What config.json stores to rebuild this tokenizer (md4.pretrained.load)."""
+        """What config.json stores to rebuild this tokenizer (md4.load)."""
         return {"height": self.height, "width": self.width, "channels": self.channels, "levels": self.levels}
 
     def encode(self, images) -> np.ndarray:
@@ -87,7 +87,7 @@ def check_pixels(a: np.ndarray, levels: int, source: str = "The images") -> None
 
 
 @dataclass(repr=False, eq=False)
-class ImageCorpus:
+class ImageCorpus(Splits):
     """Splits of token rows [M, N] uint8 with labels [M] int64 (None when the dataset has none)."""
 
     train: np.ndarray
@@ -100,18 +100,12 @@ class ImageCorpus:
     name: str
     num_classes: int = 0
 
-    def split(self, which: str) -> np.ndarray:
-        if which not in SPLITS:
-            raise UserError(f"Unknown split {which!r}; choose one of {', '.join(SPLITS)}.")
-        return getattr(self, which)
-
     def labels(self, which: str) -> np.ndarray | None:
         self.split(which)
         return getattr(self, f"{which}_labels")
 
     def __repr__(self) -> str:
-        sizes = ", ".join(f"{s}={len(self.split(s)):,}" for s in SPLITS)
-        return f"ImageCorpus({self.name!r}, {self.tokenizer}, {sizes}, classes={self.num_classes})"
+        return f"ImageCorpus({self.name!r}, {self.tokenizer}, {self.sizes()}, classes={self.num_classes})"
 
 
 @dataclass(frozen=True)

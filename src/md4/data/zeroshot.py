@@ -62,11 +62,6 @@ def find_local(ds: ZeroShotSet) -> Path | None:
     return None
 
 
-def download(url: str, dest: Path, timeout: float = 20.0) -> Path:
-    """Fetch url to dest atomically (a temporary file renamed into place); raises OSError."""
-    return fetch(url, dest, timeout)
-
-
 def from_datasets(ds: ZeroShotSet) -> str:
     """The test split through the `datasets` package (ImportError / any failure propagates)."""
     import datasets
@@ -102,7 +97,7 @@ def raw_text(name: str) -> str:
             reasons.append(f"datasets failed ({type(e).__name__})")
     if ds.url:
         try:
-            return read_set(ds, download(ds.url, data_dirs()[0] / ds.files[0]))
+            return read_set(ds, fetch(ds.url, data_dirs()[0] / ds.files[0], timeout=20.0))
         except OSError as e:
             reasons.append(f"the download failed ({getattr(e, 'reason', None) or e})")
     where = " or ".join(str(d / ds.files[0]) for d in data_dirs())

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from md4.errors import UserError
+from md4.nn.backbone import Backbone
 from md4.nn.transformer import timestep_embedding
 
 
@@ -129,7 +131,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
-class UNet(nn.Module):
+class UNet(Backbone):
     """U-Net denoiser over images of `image_shape` (H, W, C); the sequence length is fixed to
     H * W * C. `time_cond=False` builds no time parameters and ignores t entirely."""
 
@@ -178,8 +180,22 @@ class UNet(nn.Module):
         self.conv_out = zero(nn.Conv2d(width, C * vocab_size, 3, padding=1))
 
     @classmethod
-    def from_config(cls, m, vocab_size: int, image_shape: tuple[int, int, int]) -> "UNet":
-        """Built from an md4.config.ModelConfig `m` (its unet_* keys, time_cond, num_classes, dropout)."""
+    def from_config(cls, vocab_size: int, m, *, length: int, causal: bool = False,
+                    image_shape: tuple[int, int, int] | None = None) -> "UNet":
+        """Built from an md4.config.ModelConfig `m` (its unet_* keys, time_cond, num_classes, dropout)
+        over whole images of `image_shape`: UserError for text data, another length, or a method
+        that needs a causal network."""
+        if causal:
+            raise UserError("This method needs a causal network, which model.arch=unet is not; use transformer.")
+        if image_shape is None:
+            raise UserError("model.arch=unet needs an image dataset (data.corpus).")
+        H, W, C = image_shape
+        if length != H * W * C:
+            raise UserError(f"model.arch=unet takes whole images: data.length must be {H * W * C} for "
+                            f"{H}x{W}x{C} images, not {length}.")
+        if any(m.unet_ch * k % m.unet_heads for k in m.unet_mults):
+            raise UserError(f"model.unet_heads ({m.unet_heads}) must divide every width model.unet_ch x "
+                            f"model.unet_mults.")
         return cls(vocab_size, image_shape, ch=m.unet_ch, mults=tuple(m.unet_mults), res_blocks=m.unet_res_blocks,
                    attn_res=tuple(m.unet_attn_res), heads=m.unet_heads, time_cond=m.time_cond,
                    num_classes=m.num_classes, dropout=m.dropout)
@@ -191,8 +207,11 @@ class UNet(nn.Module):
         return H * W * C
 
     @property
-    def blocks(self) -> list[nn.Module]:
-        """The units to shard under FSDP (md4.distributed), in order of use."""
+    def uses_time(self) -> bool:
+        return self.time_cond
+
+    def shard_units(self) -> list[nn.Module]:
+        """The residual stages, down- and upsamplers, in order of use: FSDP gathers one at a time."""
         return [*self.down, *self.mid, *self.up]
 
     def condition(self, t: torch.Tensor, labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:

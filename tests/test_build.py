@@ -17,9 +17,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "md4"
 def test_build_reads_the_method_and_the_backbone_from_their_registries():
     method, net = build(load_config("tiny", ["method=ar", "model.time_cond=true"]), 27)
     assert isinstance(net, Transformer) and net.causal and net.uses_time  # AR asks for causal
-    assert net.max_length == 1024 and len(net.shard_units()) == 2  # RoPE for max(32, 1024); two blocks
+    assert net.max_len == 1024 and len(net.shard_units()) == 2  # RoPE for max(32, 1024); two blocks
     method, net = build(load_config("tiny", ["data.length=2048"]), 27)
-    assert not net.causal and not net.uses_time and net.max_length == 2048
+    assert not net.causal and not net.uses_time and net.max_len == 2048
     assert set(dict(Bundle(method, net).named_parameters())) == {"net." + k for k, _ in net.named_parameters()}
 
 
@@ -35,7 +35,7 @@ def test_the_transformer_from_config_is_the_one_built_by_hand():
 
 
 @pytest.mark.parametrize("overrides, says", [
-    (["model.arch=mamba"], "Unknown model.arch 'mamba'; choose one of " + ", ".join(BACKBONES)),
+    (["model.arch=mamba"], "model.arch must be one of " + ", ".join(BACKBONES) + ", got 'mamba'"),
     (["model.dim=30", "model.heads=4"], "divisible"),
     (["model.pos2d=true"], "pos2d needs an image dataset"),
     (["method=d3pm"], "Unknown method 'd3pm'"),
@@ -48,7 +48,7 @@ def test_build_errors_are_one_sentence(overrides, says):
 def test_every_backbone_implements_the_protocol():
     for name, cls in BACKBONES.items():
         assert issubclass(cls, Backbone), name
-        for member in ("from_config", "max_length", "uses_time", "shard_units"):
+        for member in ("from_config", "max_len", "uses_time", "shard_units"):
             assert getattr(cls, member) is not getattr(Backbone, member), (name, member)
 
 

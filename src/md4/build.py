@@ -21,7 +21,7 @@ from md4.diffusion import MD4
 from md4.errors import UserError
 from md4.genmd4 import GenMD4
 from md4.method import Method
-from md4.nn import Backbone, backbone_class
+from md4.nn import BACKBONES, Backbone
 from md4.sedd import SEDD
 
 # Training methods: name -> md4.method.Method subclass, built by cls.from_config(vocab_size, cfg).
@@ -91,15 +91,21 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def build(cfg: Config, vocab_size: int) -> tuple[Method, Backbone]:
+def build(cfg: Config, vocab_size: int, saved: bool = False) -> tuple[Method, Backbone]:
     """(method, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens: the method
     from METHODS[cfg.method], the network from md4.nn.BACKBONES[cfg.model.arch], causal when the
-    method says so and told the image shape when the data are images."""
-    method = method_class(cfg.method).from_config(vocab_size, cfg)
+    method says so and told the image shape when the data are images. A method that needs time
+    conditioning refuses a new model without it; saved=True rebuilds a trained model as it was
+    saved, without the checks for new models."""
+    cls = method_class(cfg.method)
+    if cls.needs_time_cond and not cfg.model.time_cond and not saved:
+        raise UserError(f"Method {cfg.method} needs a network that sees t (its exact denoiser depends on t); "
+                        f"set model.time_cond=true.")
+    method = cls.from_config(vocab_size, cfg)
     corpus = cfg.data.corpus
     image_shape = tokenizer_for(corpus).shape if is_image_corpus(corpus) else None
-    net = backbone_class(cfg.model.arch).from_config(vocab_size, cfg.model, length=cfg.data.length,
-                                                     causal=method.causal, image_shape=image_shape)
+    net = BACKBONES[cfg.model.arch].from_config(vocab_size, cfg.model, length=cfg.data.length,
+                                                causal=method.causal, image_shape=image_shape)
     return method, net
 
 

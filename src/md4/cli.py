@@ -4,6 +4,7 @@ user errors print one sentence and exit with status 2."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from md4 import commands
@@ -37,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = command(sub, "train", commands.cmd_train, "train a model (resumes a run folder that has a checkpoint)")
-    t.add_argument("--config", default="demo", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
+    t.add_argument("--config", default=None, help=f"a preset ({', '.join(preset_names())}) or a YAML file "
+                                                  "(default: the run folder's config.yaml, else demo)")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. model.layers=4")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -138,12 +140,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# OS errors that the machine or the user's files cause, not this program: one sentence, exit 2
+ENVIRONMENT_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM,
+                      errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EIO}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.fn(args)
     except UserError as e:
         print(f"md4: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRORS:
+            raise
+        verb = "write" if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "use"
+        where = f" {e.filename}" if e.filename else " a file"
+        print(f"md4: error: Cannot {verb}{where}: {e.strerror or e}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("md4: interrupted", file=sys.stderr)

@@ -22,10 +22,13 @@ def torch_threads(n: int) -> None:
 
 
 def cmd_train(args) -> None:
+    """A new run takes --config (default: the demo preset); a resumed one its own config.yaml,
+    which --config and --set may change only in md4.config.RESUME_KEYS (md4.train checks)."""
     from md4.config import load_config
     from md4.train import train
 
-    cfg = load_config(args.config, args.set)
+    saved = Path(args.out) / "config.yaml"
+    cfg = load_config(args.config or (saved if saved.is_file() else "demo"), args.set)
     model_dir = train(cfg, args.out, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(f"model saved to {model_dir}")

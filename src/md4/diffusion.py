@@ -16,6 +16,7 @@ import torch
 from md4 import schedules
 from md4.categorical import categorical
 from md4.method import Method
+from md4.truncation import NO_TRUNCATION, Truncation
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,15 +71,16 @@ class MD4(Method):
     ) -> torch.Tensor:
         """One-sample unbiased estimate of the negative ELBO of each sequence: [B] nats.
 
-        The skeleton every masked method shares: times t [B] (antithetic across the batch unless
-        `t` is given, in [0, 1)) -> `bound_times` -> x_t ~ q(x_t | x_0) -> one denoiser call ->
-        `masked_terms` (the integrand, from the hook of each method) + `constant_terms`.
+        The skeleton every masked method shares: uniform draws t [B] in [0, 1) (antithetic across
+        the batch unless given) -> times `bound_times` -> x_t ~ q(x_t | x_0) -> one denoiser call ->
+        `time_weight` x `masked_terms` (the integrand) + `constant_terms`. Each method overrides
+        the hooks it changes (GenMD4: a time cut-off and its reconstruction term; SEDD: score entropy).
         known [B, N] bool: the conditional bound on -log p(x_0[~known] | x_0[known]): known positions
         are never masked, and the sums (and N) run over the other positions only."""
-        B, N = x0.shape
-        t = self.bound_times(antithetic_times(B, generator, x0.device) if t is None else t, timesteps)
+        t = self.bound_times(antithetic_times(len(x0), generator, x0.device) if t is None else t, timesteps)
         xt = given(self.forward_sample(x0, t, generator), x0, known)
-        return self.masked_terms(denoiser(xt, t), x0, xt, t, timesteps) + self.constant_terms(free_positions(N, known))
+        return (self.time_weight(timesteps) * self.masked_terms(denoiser(xt, t), x0, xt, t, timesteps)
+                + self.constant_terms(x0, known, timesteps))
 
     def bound_times(self, t: torch.Tensor, timesteps: int = 0) -> torch.Tensor:
         """The times [B] at which the bound is evaluated: t itself in continuous time; for
@@ -99,28 +101,39 @@ class MD4(Method):
             weight = -self.schedule.weight(t)
         return weight * masked_cross_entropy(logits, x0, xt, self.mask_id)
 
-    def constant_terms(self, length: int | torch.Tensor) -> float | torch.Tensor:
-        """The terms of the bound that no network changes, in nats, for `length` free positions
-        (an int, or [B]): here the reconstruction term."""
-        return self.reconstruction(length)
+    def time_weight(self, timesteps: int = 0) -> float:
+        """d(time)/d(draw) of `bound_times`: the factor of the integrand in the one-sample estimate."""
+        return 1.0
+
+    def constant_terms(self, x0: torch.Tensor, known: torch.Tensor | None = None,
+                       timesteps: int = 0) -> float | torch.Tensor:
+        """The terms of the bound that no network changes, in nats (a float, or [B]): here the
+        reconstruction term of the positions not `known`."""
+        return self.reconstruction(free_positions(x0.shape[1], known))
 
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator=None) -> torch.Tensor:
         """Training loss (scalar): the batch mean of the continuous-time NELBO, nats per sequence."""
         return self.nelbo(denoiser, x0, generator=generator).mean()
 
     # ----------------------------------------------------------------- reverse process
-    def reverse_step(
-        self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None
-    ) -> torch.Tensor:
-        """Draw x_s ~ p(x_s | x_t) for s < t. Masked positions unmask with probability
-        (alpha_s - alpha_t) / (1 - alpha_t) and then take token j with probability mu_j;
-        unmasked positions stay. Probabilities are computed and drawn in float64."""
+    def reveal(self, logits: torch.Tensor, t: float, s: float, truncate: Truncation = NO_TRUNCATION):
+        """The reverse step from t to s < t at a masked position, in two parts: (P(unmask) [...]
+        float64, broadcastable to the positions of logits [..., V]; the logits [..., V] of the token
+        it becomes, given that it unmasks). For MD4, P(unmask) = (alpha_s - alpha_t) / (1 - alpha_t)
+        and the token follows mu. Truncation (temperature, top-k, top-p) applies to the token only:
+        it changes which token is revealed, never when (issue 13, item 8)."""
         a_t, a_s = (self.schedule.alpha(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
-        p_unmask = (a_s - a_t) / (1 - a_t)
+        return ((a_s - a_t) / (1 - a_t)).to(logits.device), truncate(logits)
+
+    def reverse_step(self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None,
+                     truncate: Truncation = NO_TRUNCATION) -> torch.Tensor:
+        """Draw x_s ~ p(x_s | x_t) for s < t (logits: the denoiser's, untruncated). Each masked
+        position unmasks with `reveal`'s probability and then takes a token from its token logits;
+        unmasked positions stay. Probabilities are computed and drawn in float64."""
+        p_unmask, token_logits = self.reveal(logits, t, s, truncate)
         u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
-        reveal = (xt == self.mask_id) & (u < p_unmask.to(xt.device))
-        tokens = categorical(logits, generator)
-        return torch.where(reveal, tokens, xt)
+        unmask = (xt == self.mask_id) & (u < p_unmask)
+        return torch.where(unmask, categorical(token_logits, generator), xt)
 
     def posterior_sample(
         self, xt: torch.Tensor, x0: torch.Tensor, t: float, s: float, generator=None

@@ -22,9 +22,9 @@ process would:
 Checkpoints keep the single-process format (safetensors weights, tensors-only optim.pt):
 DDP replicas are identical and rank 0 writes; FSDP gathers full state dicts to rank 0 through
 torch.distributed.checkpoint.state_dict (on CPU), and every rank loads full state dicts from the
-run folder (which must be on a filesystem all nodes see). FSDP shards each transformer block and
-the rest of the network (`fully_shard`); the EMA copy is sharded the same way and averaged shard
-by shard. A method's own parameters (a learnable schedule: small) stay replicated, their
+run folder (which must be on a filesystem all nodes see). FSDP shards each of the network's
+`shard_units()` (the transformer's blocks) and the rest of the network (`fully_shard`); the EMA
+copy is sharded the same way and averaged shard by shard. A method's own parameters (a learnable schedule: small) stay replicated, their
 gradients averaged by hand.
 """
 
@@ -118,9 +118,13 @@ class Parallel:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on some rank (a collective)."""
-        t = torch.tensor(float(flag), device=self.device)
+        return self.maximum(float(flag)) > 0
+
+    def maximum(self, value: float) -> float:
+        """The largest of the ranks' values, on every rank (a collective, in float64)."""
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return t.item()
 
     def barrier(self) -> None:
         if self.active:

@@ -117,7 +117,8 @@ def bound_options(model, mc_samples: int, timesteps: int) -> tuple[int, int]:
     if model.method.exact_likelihood:
         return 1, 0
     if timesteps and model.method.continuous_time_only:
-        raise UserError(f"A {model.config.method} model has a continuous-time bound only; leave timesteps at 0.")
+        raise UserError(f"A {model.config.method} model has a continuous-time bound only; "
+                        f"leave timesteps (--timesteps) at 0.")
     return mc_samples, timesteps
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from md4.checkpoint import write_text_atomic
+from md4.checkpoint import naming, write_text_atomic
 from md4.errors import UserError
 
 
@@ -34,14 +34,15 @@ class Jsonl:
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if rec.get("step", 0) <= resume_step:
+                if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
                     kept.append(line)
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
 
     def log(self, step: int, values: dict) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
+        with naming(self.path):  # a full disk: an OSError naming the file
+            self.file.write(json.dumps({"step": step, **values}) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
         self.file.close()
@@ -115,16 +116,35 @@ def sink_names(log: list[str]) -> list[str]:
 
 
 class Metrics:
-    """All sinks of a run as one: log(step, **values) gives every sink the same record."""
+    """All sinks of a run as one: log(step, **values) gives every sink the same record.
+
+    A new run (resume_step 0, no metrics.jsonl yet) opens the sinks at once. A resumed run holds
+    its records in memory until `commit` (md4.train calls it after each checkpoint) and only then
+    opens the sinks, which drop what a killed run logged after its last checkpoint: a resume that
+    fails before its first checkpoint (a NaN loss, a full disk) leaves every sink's files as they were."""
 
     def __init__(self, run_dir: Path, resume_step: int, log: list[str] = (), config: dict | None = None):
-        names = sink_names(list(log))  # every name checked before any sink writes
-        self.sinks = [SINKS[n](Path(run_dir), resume_step, config or {}) for n in names]
+        self.names = sink_names(list(log))  # every name checked before any sink writes
+        self.args = (Path(run_dir), resume_step, config or {})
+        self.sinks, self.held = None, []
+        if resume_step == 0 and not (Path(run_dir) / "metrics.jsonl").exists():
+            self.commit()
 
     def log(self, step: int, **values) -> None:
+        if self.sinks is None:
+            self.held.append((step, values))
+            return
         for sink in self.sinks:
             sink.log(step, values)
 
+    def commit(self) -> None:
+        """Open the sinks (once) and give them the records held so far."""
+        if self.sinks is None:
+            self.sinks = [SINKS[n](*self.args) for n in self.names]
+            for step, values in self.held:
+                self.log(step, **values)
+            self.held = []
+
     def close(self) -> None:
-        for sink in self.sinks:
+        for sink in self.sinks or []:
             sink.close()

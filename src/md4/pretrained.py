@@ -94,7 +94,7 @@ class Pretrained:
         temperature, top_k, top_p, block, callback, ...). With `block`, a sequence of any length is
         generated in windows of the training length. `labels` (int or [num]) and `guidance` for
         class-conditional models (classifier-free guidance)."""
-        limit = self.net.max_length
+        limit = self.net.max_len
         known = kwargs.get("known")
         if length is None:
             length = known.shape[-1] if known is not None else self.length
@@ -184,7 +184,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", revision: str | N
     ("org/name", "org/name@revision"; md4.hub), for evaluation and sampling."""
     folder = model_folder(hub.resolve(path, revision))
     cfg, tokenizer = read_model_config(folder)
-    method, net = build(cfg, tokenizer.vocab_size)
+    method, net = build(cfg, tokenizer.vocab_size, saved=True)
     weights = upgrade_weights(checkpoint.read_weights(folder / "model.safetensors"))
     checkpoint.load_into(Bundle(method, net), weights, folder)
     net.eval()

@@ -14,7 +14,9 @@ of the prediction (shared/MATH.md, "Sampling"). Samplers, by name (`sample(..., 
   of the most confident positions.
 
 Every sampler takes the same truncation of the prediction (md4.truncation: temperature, top-k,
-top-p) and reports each step to an optional `callback(x, t)` (md4.trace records it).
+top-p), which changes which token a position takes, never when it is revealed (the model's
+`reveal` keeps the untruncated probability of unmasking), and reports each step to an optional
+`callback(x, t)` (md4.trace records it).
 """
 
 from __future__ import annotations
@@ -75,31 +77,35 @@ def ignores_time(denoiser) -> bool:
     return getattr(denoiser, "uses_time", True) is False
 
 
-def mean_step(model, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None) -> torch.Tensor:
-    """The two-stage reverse step: x_0 ~ mu_theta(x_t) at every position, then
+def mean_step(model, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None,
+              truncate: Truncation = NO_TRUNCATION) -> torch.Tensor:
+    """The two-stage reverse step: x_0 ~ mu_theta(x_t) (truncated) at every position, then
     x_s ~ q(x_s | x_t, x_0) (`model.posterior_sample`). Same law as `model.reverse_step`."""
-    x0 = categorical(logits, generator)
+    x0 = categorical(truncate(logits), generator)
     return model.posterior_sample(xt, x0, t, s, generator)
 
 
 def _walk(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator, truncate: Truncation,
           callback, progress: bool, cache: bool, step) -> torch.Tensor:
-    """Walk the grid from t = 1 to 0 with `step(x_t, logits, t, s, generator) -> x_s`.
+    """Walk the grid from t = 1 to 0 with `step(x_t, logits, t, s, generator, truncate) -> x_s`,
+    given the denoiser's untruncated logits.
 
     cache=False calls the denoiser on the whole batch at every step. cache=True (denoisers that
-    ignore t) keeps the truncated logits of each sample and recomputes them only for the samples
-    whose x changed in the last step; the random draws are the same either way."""
+    ignore t) keeps the logits of each sample and recomputes them only for the samples whose x
+    changed in the last step; the random draws are the same either way."""
     B = x.shape[0]
     logits = None
     stale = torch.ones(B, dtype=torch.bool, device=x.device)
     for i in tqdm(range(len(grid) - 1, 0, -1), desc="sampling", disable=not progress, leave=False):
         t, s = grid[i].item(), grid[i - 1].item()
         if not cache or stale.all():
-            logits = truncate(denoiser(x, torch.full((B,), t, device=x.device)))
+            logits = denoiser(x, torch.full((B,), t, device=x.device))
+            if cache:  # rows are replaced in place below: never write into the denoiser's own tensor
+                logits = logits.clone()
         elif stale.any():
             rows = stale.nonzero().squeeze(1)
-            logits[rows] = truncate(select_rows(denoiser, rows)(x[rows], torch.full((len(rows),), t, device=x.device)))
-        new = step(x, logits, t, s, generator)
+            logits[rows] = select_rows(denoiser, rows)(x[rows], torch.full((len(rows),), t, device=x.device))
+        new = step(x, logits, t, s, generator, truncate)
         stale = (new != x).any(-1)
         x = new
         if callback is not None:
@@ -130,9 +136,15 @@ def mean(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *
     """The two-stage sampler (the reference code's `mean` sampler; the paper, App. G, found it worse
     than the one-stage step with float32 draws, not a difference in law): each step draws a full x_0
     from mu_theta, then reveals it at each masked position with probability
-    (alpha_s - alpha_t) / (1 - alpha_t). x [B, N] -> [B, N]."""
-    def step(xt, logits, t, s, generator):
-        return mean_step(model, xt, logits, t, s, generator)
+    (alpha_s - alpha_t) / (1 - alpha_t). x [B, N] -> [B, N]. With a token-dependent schedule
+    (GenMD4) the reveal probability depends on the drawn x_0, so truncating mu would change when
+    tokens are revealed: that combination is refused (the ancestral sampler keeps it)."""
+    if not truncate.identity and not model.shared_schedule:
+        raise UserError(f"With temperature, top-k or top-p the mean sampler would change when the tokens of a "
+                        f"{type(model).__name__} model are revealed; use the ancestral sampler.")
+
+    def step(xt, logits, t, s, generator, truncate):
+        return mean_step(model, xt, logits, t, s, generator, truncate)
 
     return _walk(model, denoiser, x, grid, generator, truncate, callback, progress, False, step)
 

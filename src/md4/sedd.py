@@ -29,7 +29,8 @@ added, so the bound is complete (the reconstruction term is 0: nothing is masked
 Sampling: the Tweedie tau-leaping step from t to s < t. For a masked position, the exact
 reverse transition is p(x_s = y | x_t = m) = (e^{sigma_bar(t) - sigma_bar(s)} - 1) s_y and
 p(stay masked) = (1 - e^{-sigma_bar(s)}) / (1 - e^{-sigma_bar(t)}); with learned scores these
-weights are normalised and drawn in float64.
+weights are normalised and drawn in float64 (SEDD.reveal). Temperature, top-k and top-p change
+only which token is revealed, not the probability of unmasking.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ import math
 import torch
 
 from md4 import schedules
-from md4.categorical import inverse_cdf
-from md4.diffusion import MD4
+from md4.diffusion import MD4, free_positions
 from md4.errors import UserError
+from md4.truncation import NO_TRUNCATION, Truncation
 
 
 class LogLinear(schedules.Schedule):
@@ -121,23 +122,22 @@ class SEDD(MD4):
         """The score entropy integrand at t: [B] nats (`score_entropy` of the network's output)."""
         return score_entropy(log_ratio(logits), x0, xt, t, self.schedule, self.mask_id)
 
-    def constant_terms(self, length: int) -> float:
-        """The prior term at t = 1 (nothing is masked at t = 0: no reconstruction term)."""
-        return self.prior(length)
+    def constant_terms(self, x0: torch.Tensor, known: torch.Tensor | None = None, timesteps: int = 0) -> float:
+        """The prior term at t = 1 of the free positions (nothing is masked at t = 0: no
+        reconstruction term)."""
+        return self.prior(free_positions(x0.shape[1], known))
 
-    def reverse_probs(self, logits: torch.Tensor, t: float, s: float) -> torch.Tensor:
-        """Tweedie tau-leaping step for a masked position: [..., V + 1] float64 probabilities of
-        becoming each token y (index < V) or staying masked (index V). logits: l = log_ratio(output)."""
+    def reveal(self, logits: torch.Tensor, t: float, s: float, truncate: Truncation = NO_TRUNCATION):
+        """The Tweedie tau-leaping step from t to s < t at a masked position (see MD4.reveal for the
+        form), from the network's outputs [..., V]. The unnormalised weights of becoming y and of
+        staying masked are (e^{sigma_bar(t) - sigma_bar(s)} - 1) s_y and
+        (1 - e^{-sigma_bar(s)}) / (1 - e^{-sigma_bar(t)}), so P(unmask) = U / (U + stay) with U the
+        sum of the former, and the token given unmasking follows s_y, i.e. softmax of the outputs.
+        Truncation changes that token distribution only; U, hence when tokens are revealed, is the
+        untruncated model's (issue 13, item 8). Computed in float64."""
         sb_t, sb_s = (self.schedule.sigma_bar(torch.tensor(v, dtype=torch.float64, device=logits.device))
                       for v in (t, s))
-        log_score = logits.double() - torch.log(torch.expm1(sb_t))
-        unmask = torch.expm1(sb_t - sb_s) * log_score.exp()  # [..., V]
-        stay = (-torch.expm1(-sb_s)) / (-torch.expm1(-sb_t))
-        w = torch.cat([unmask, stay.expand(unmask.shape[:-1] + (1,)).to(unmask)], dim=-1)
-        return w / w.sum(-1, keepdim=True)
-
-    def reverse_step(self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float,
-                     generator=None) -> torch.Tensor:
-        """Draw x_s given x_t (s < t): masked positions from `reverse_probs`, others stay."""
-        draw = inverse_cdf(self.reverse_probs(log_ratio(logits), t, s), generator)  # V = stay masked
-        return torch.where(xt == self.mask_id, draw, xt)
+        log_score = log_ratio(logits).double() - torch.log(torch.expm1(sb_t))  # log s_y [..., V]
+        log_unmask = torch.log(torch.expm1(sb_t - sb_s)) + torch.logsumexp(log_score, dim=-1)  # log U [...]
+        log_stay = torch.log(-torch.expm1(-sb_s)) - torch.log(-torch.expm1(-sb_t))
+        return torch.sigmoid(log_unmask - log_stay), truncate(logits)  # U / (U + stay), without overflow

@@ -70,7 +70,7 @@ def windows(length: int, start: int, size: int) -> list[tuple[int, int, int]]:
 
 def model_limit(model) -> int:
     """The longest window: the training length N (the network's position table may be longer)."""
-    return min(model.length, model.net.max_length)
+    return min(model.length, model.net.max_len)
 
 
 @torch.no_grad()

@@ -25,7 +25,8 @@ and EOS around 1022-token chunks.)
 Pieces are tokenised in parallel processes (ordered results, so the output does not depend on
 the number of processes) and written by this process, so a split's shards hold its tokens in
 order. Shards are written under temporary names and renamed when complete; meta.json is
-written last, so a folder with meta.json is a complete corpus.
+written last, so a folder with meta.json is a complete corpus. After an error (bad input, a
+full disk, Ctrl-C) no shard of this call is left, nor the --out folder if this call made it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -46,7 +48,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from md4.checkpoint import write_text_atomic
+from md4.checkpoint import first_missing, naming, write_text_atomic
 from md4.data.bpe import BPE_TOKENIZERS
 from md4.data.corpus import SPLITS
 from md4.data.tokens import FORMAT, META
@@ -226,15 +228,17 @@ class ShardWriter:
                 self.shards.append({"file": f"{self.split}_{len(self.shards):06d}.bin", "tokens": 0})
                 self.file = open(self._tmp(len(self.shards) - 1), "wb")
             room = self.shard_tokens - self.shards[-1]["tokens"]
-            ids[:room].tofile(self.file)
+            with naming(self.file.name):
+                ids[:room].tofile(self.file)
             self.shards[-1]["tokens"] += len(ids[:room])
             self.tokens += len(ids[:room])
             ids = ids[room:]
 
     def close_file(self) -> None:
         if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            with naming(self.file.name):
+                self.file.flush()
+                os.fsync(self.file.fileno())
             self.file.close()
             self.file = None
 
@@ -259,6 +263,15 @@ class ShardWriter:
             s["tokens"] = cut
         self.shards = [s for s in self.shards if s["tokens"]]  # those emptied were the last ones
         self.tokens = min(self.tokens, start)
+
+    def discard(self) -> None:
+        """Remove this writer's shards, temporary or renamed (after an error)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        for k, s in enumerate(self.shards):
+            self._tmp(k).unlink(missing_ok=True)
+            (self.folder / s["file"]).unlink(missing_ok=True)
 
     def finish(self) -> dict:
         self.close_file()
@@ -303,6 +316,8 @@ def prepare(inputs: list[str | Path], out: str | Path, *, hf: str | None = None,
     workers: processes (0 = all CPUs, 1 = this process only)."""
     out = Path(out).expanduser()
     valid, valid_docs = held_out(hf, valid, valid_docs, test)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is an existing file, not a folder; choose another --out.")
     if (out / META).exists():
         raise UserError(f"{out} already holds a prepared corpus; choose another --out or delete it.")
     if not (0 <= valid < 1 and 0 <= test < 1 and valid + test < 1):
@@ -317,46 +332,54 @@ def prepare(inputs: list[str | Path], out: str | Path, *, hf: str | None = None,
     docs = hf_documents(hf, hf_split, text_field) if hf else file_documents(input_files(inputs), text_field)
     if max_documents:
         docs = (d for _, d in zip(range(max_documents), docs))
+    made = first_missing(out)  # removed after an error
     out.mkdir(parents=True, exist_ok=True)
     writers = {s: ShardWriter(out, s, shard_tokens) for s in SPLITS}
-    pieces = assign(document_pieces(docs, piece_chars), valid, test)
-    workers = workers or os.cpu_count() or 1
-    t0, chars = time.time(), 0
-    ends = deque(maxlen=valid_docs + 1)  # train tokens at the ends of the last documents
-    bar = tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress, dynamic_ncols=True)
-    pool = None
     try:
-        if workers > 1:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (tokenizer,))
-            results = pool.imap(encode_piece, pieces, chunksize=4)
-        else:
-            _init_worker(tokenizer)
-            results = map(encode_piece, pieces)
-        first = next(results, None)
-        if first is None:
-            raise UserError("The input holds no documents.")
-        for split, ids, n_chars, eot in chain([first], results):
-            writers[split].write(ids)
-            writers[split].documents += eot
-            if eot and valid_docs:
-                ends.append(writers[split].tokens)
-            chars += n_chars
-            bar.update(n_chars)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    if valid_docs:
-        last_documents_to_valid(writers["train"], writers["valid"], ends, valid_docs)
-    splits = {s: w.finish() for s, w in writers.items()}
-    meta = {"format": FORMAT, "version": 1, "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id, "dtype": "uint16", "fractions": {"valid": valid, "test": test},
-            "valid_docs": valid_docs,
-            "source": {"hf": hf, "split": hf_split} if hf else [str(p) for p in inputs],
-            "characters": chars, "seconds": round(time.time() - t0, 3), "splits": splits}
-    write_text_atomic(out / META, json.dumps(meta, indent=2) + "\n")
+        pieces = assign(document_pieces(docs, piece_chars), valid, test)
+        workers = workers or os.cpu_count() or 1
+        t0, chars = time.time(), 0
+        ends = deque(maxlen=valid_docs + 1)  # train tokens at the ends of the last documents
+        bar = tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress, dynamic_ncols=True)
+        pool = None
+        try:
+            if workers > 1:
+                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+                pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (tokenizer,))
+                results = pool.imap(encode_piece, pieces, chunksize=4)
+            else:
+                _init_worker(tokenizer)
+                results = map(encode_piece, pieces)
+            first = next(results, None)
+            if first is None:
+                raise UserError("The input holds no documents.")
+            for split, ids, n_chars, eot in chain([first], results):
+                writers[split].write(ids)
+                writers[split].documents += eot
+                if eot and valid_docs:
+                    ends.append(writers[split].tokens)
+                chars += n_chars
+                bar.update(n_chars)
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        if valid_docs:
+            last_documents_to_valid(writers["train"], writers["valid"], ends, valid_docs)
+        splits = {s: w.finish() for s, w in writers.items()}
+        meta = {"format": FORMAT, "version": 1, "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id, "dtype": "uint16", "fractions": {"valid": valid, "test": test},
+                "valid_docs": valid_docs,
+                "source": {"hf": hf, "split": hf_split} if hf else [str(p) for p in inputs],
+                "characters": chars, "seconds": round(time.time() - t0, 3), "splits": splits}
+        write_text_atomic(out / META, json.dumps(meta, indent=2) + "\n")
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     for split, fraction in (("valid", valid), ("test", test)):
         if fraction > 0 and not splits[split]["tokens"]:
             print(f"warning: no piece landed in the {split} split; use a larger --{split} or a smaller --piece-chars",

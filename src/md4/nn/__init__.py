@@ -6,17 +6,11 @@ and md4.build builds it through the protocol of md4.nn.backbone.Backbone.
 
 from __future__ import annotations
 
-from md4.errors import UserError
 from md4.nn.backbone import Backbone
 from md4.nn.transformer import Transformer
+from md4.nn.unet import UNet
 
-BACKBONES: dict[str, type[Backbone]] = {"transformer": Transformer}
+# model.arch -> backbone class (ModelConfig checks the name)
+BACKBONES: dict[str, type[Backbone]] = {"transformer": Transformer, "unet": UNet}
 
-
-def backbone_class(arch: str) -> type[Backbone]:
-    if arch not in BACKBONES:
-        raise UserError(f"Unknown model.arch {arch!r}; choose one of {', '.join(BACKBONES)}.")
-    return BACKBONES[arch]
-
-
-__all__ = ["BACKBONES", "Backbone", "Transformer", "backbone_class"]
+__all__ = ["BACKBONES", "Backbone", "Transformer", "UNet"]

@@ -5,7 +5,7 @@ labels [B] long to logits [B, N, V]. It knows nothing of diffusion. Outside md4.
 only what this base class declares:
 
     cls.from_config(vocab_size, cfg, length=N, causal=False, image_shape=None)   build it
-    net.max_length     the longest sequence it takes
+    net.max_len        the longest sequence it takes
     net.uses_time      whether its output depends on t (False: samplers may reuse predictions)
     net.shard_units()  submodules to shard one by one under FSDP (the rest shards as one group)
     net.num_classes    class labels it is conditioned on (0: none); label num_classes is the null label
@@ -32,7 +32,7 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @property
-    def max_length(self) -> int:
+    def max_len(self) -> int:
         raise NotImplementedError
 
     @property

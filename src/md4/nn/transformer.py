@@ -192,7 +192,8 @@ class Transformer(Backbone):
                    image_shape=image_shape if cfg.pos2d else None)
 
     @property
-    def max_length(self) -> int:
+    def max_len(self) -> int:
+        """The longest sequence this network takes (its RoPE tables)."""
         return self.rope_cos.shape[0]
 
     @property

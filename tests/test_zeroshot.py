@@ -6,6 +6,7 @@ files tokenized the model's way, and one sentence for an image model."""
 import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from md4.cli import main
 from md4.data import detokenize, normalize_text8, zeroshot
 from md4.data.chars import CharTokenizer
 from md4.errors import UserError
+from test_eval_suite import data_home  # noqa: F401  (fixture: $MD4_DATA in a temporary folder, offline)
 
 # ----------------------------------------------------------------------------- files in their real formats
 # WikiText-*-raw wiki.test.raw: every line starts with a space, blank lines are " ", tokens split by spaces
@@ -48,7 +50,7 @@ LAMBADA_RECORDS = ["\n\"Come here,\" she said. He looked at the door and then at
 
 def write_sets(folder, copies: int = 1):
     """The four formats under their standard names in `folder` (each text repeated `copies` times)."""
-    (folder / "wikitext-2-raw").mkdir(parents=True)
+    (folder / "wikitext-2-raw").mkdir(parents=True)  # (folder too)
     (folder / "wikitext-2-raw" / "wiki.test.raw").write_text(WIKI_RAW * copies)
     (folder / "ptb.test.txt").write_text(PTB_RAW * copies)
     heldout = folder / zeroshot.LM1B_DIR
@@ -56,21 +58,6 @@ def write_sets(folder, copies: int = 1):
     for k, text in enumerate(LM1B_SHARDS):
         (heldout / f"news.en.heldout-{k:05d}-of-00050").write_text(text * copies)
     (folder / "lambada_test.jsonl").write_text(LAMBADA_RAW * copies)
-
-
-@pytest.fixture
-def data_home(tmp_path, monkeypatch):
-    """$MD4_DATA and the cache in a temporary folder; no network, no datasets package."""
-    monkeypatch.setenv("MD4_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-    def offline(*args, **kwargs):
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(zeroshot, "fetch", offline)
-    monkeypatch.setattr(zeroshot, "from_datasets", lambda ds: (_ for _ in ()).throw(ImportError()))
-    (tmp_path / "data").mkdir()
-    return tmp_path / "data"
 
 
 def detokenized(name: str) -> list[str]:
@@ -97,7 +84,7 @@ def test_detokenizer_quirks_kept_from_the_reference_code():
 
 
 def test_lm1b_single_shard_and_rows_from_the_datasets_package(data_home, monkeypatch):
-    (data_home / "lm1b").mkdir()
+    (data_home / "lm1b").mkdir(parents=True)
     (data_home / "lm1b" / "news.en.heldout-00000-of-00050").write_text(LM1B_SHARDS[1])
     assert detokenized("lm1b") == LM1B_RECORDS[2:]
     # no local copy: the rows of datasets.load_dataset(path, config, split=...)[field]
@@ -189,6 +176,7 @@ def test_image_model_is_refused_text_in_one_sentence(data_home, tmp_path, monkey
     for data in ("ptb", str(data_home / "plain.txt")):
         assert main(["eval", str(run), "--data", data]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "image tokens, which cannot represent text" in err[0], err
-    with pytest.raises(UserError, match="cannot represent text"):
+        assert len(err) == 1 and "is text, but the model reads image tokens, which cannot represent it" in err[0], err
+        assert Path(data).name in err[0] or "PTB" in err[0]
+    with pytest.raises(UserError, match="PTB is text, but the model reads image tokens"):
         zeroshot.load_zero_shot("ptb", md4.load(run).tokenizer)

@@ -165,10 +165,11 @@ ENCODINGS: dict[str, Callable[[list[str], object], np.ndarray]] = {
     "char": text8_ids, **{name: document_ids for name in BPE_TOKENIZERS}}
 
 
-def text_encoding(tokenizer) -> Callable[[list[str], object], np.ndarray]:
+def text_encoding(tokenizer, what: str) -> Callable[[list[str], object], np.ndarray]:
+    """How text becomes `tokenizer`'s ids, or a UserError naming `what` (the text) when it cannot."""
     if tokenizer.name not in ENCODINGS:
-        raise UserError(f"The model reads {tokenizer.name} tokens, which cannot represent text; evaluate a text "
-                        f"model ({' or '.join(ENCODINGS)} tokens) on text.")
+        raise UserError(f"{what} is text, but the model reads {tokenizer.name} tokens, which cannot represent it; "
+                        f"evaluate a text model ({' or '.join(ENCODINGS)} tokens) on it.")
     return ENCODINGS[tokenizer.name]
 
 
@@ -178,7 +179,7 @@ def load_zero_shot(name: str, tokenizer=None, *, min_length: int = 2) -> Corpus:
     if name not in ZERO_SHOT:
         raise UserError(f"Unknown zero-shot set {name!r}; choose one of {', '.join(ZERO_SHOT)}.")
     tokenizer = tokenizer or CharTokenizer()
-    encode = text_encoding(tokenizer)  # refuses an image model before any reading
+    encode = text_encoding(tokenizer, f"The zero-shot set {ZERO_SHOT[name].title}")  # before any reading
     detokenize = DETOKENIZERS[ZERO_SHOT[name].detokenizer]
     ids = encode([detokenize(r) for r in raw_records(name)], tokenizer)
     if len(ids) < min_length:
@@ -192,7 +193,7 @@ def load_text_for(path: str | Path, tokenizer, *, min_length: int = 2) -> Corpus
     text8-style (md4.data.load_text_file), BPE the text as it is (one document, no separator)."""
     from md4.data.corpus import load_text_file
 
-    encode = text_encoding(tokenizer)
+    encode = text_encoding(tokenizer, str(path))
     if encode is text8_ids:
         return load_text_file(path, min_length=min_length)
     ids = tokenizer.encode(read_bytes(path).decode("utf-8", errors="replace"))

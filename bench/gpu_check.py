@@ -74,7 +74,8 @@ FULL = dict(vocab=50257, length=1024, layers=12, dim=768, heads=12, matmul=8192,
             dist_steps=8, dist_batch=16, deadline=470.0)
 TINY = dict(vocab=257, length=32, layers=2, dim=64, heads=2, matmul=256, max_batch=4, steps=2, warmup=1,
             numerics_length=32, numerics_batch=2, cached_num=2, cached_steps=8, sample_num=2, sample_steps=8,
-            train_minutes=0.0, train_batch=4, train_steps=16, loss_drop=0.0, eval_limit=4, sample_show=1, sample_show_steps=8,
+            train_minutes=0.0, train_batch=4, train_steps=16, loss_drop=0.0, eval_limit=4, sample_show=1,
+            sample_show_steps=8,
             dist_steps=2, dist_batch=4, deadline=120.0, plays_chars=100_000)
 
 
@@ -464,7 +465,8 @@ def sec_train(ctx: Context) -> None:
     k = max(2, len(loss) // 5)
     first, last = sum(loss[:k]) / len(loss[:k]), sum(loss[-k:]) / len(loss[-k:])
     tokens = steps_done * s["train_batch"] * s["length"]
-    ctx.row(f"{preset} on the plays ({seconds / 60:.1f} min)", "PASS" if last < (1 - s["loss_drop"]) * first else "FAIL",
+    fell = last < (1 - s["loss_drop"]) * first
+    ctx.row(f"{preset} on the plays ({seconds / 60:.1f} min)", "PASS" if fell else "FAIL",
             f"training loss {first:.2f} -> {last:.2f} bits/token (means of the first and last {k} of {len(loss)} "
             f"logged), {steps_done} steps, {tokens / seconds:,.0f} tokens/s overall", loss=loss, steps=steps_done)
     model = md4.load(run, device=ctx.device)

@@ -49,7 +49,8 @@ def test_last_documents_are_the_validation_split(tmp_path, owt_jsonl, tok):
     meta = prepare([path], tmp_path / "owt", valid_docs=6, workers=1, shard_tokens=50, progress=False)
     train, valid = read_split(tmp_path / "owt", "train"), read_split(tmp_path / "owt", "valid")
     assert valid.tolist() == stream(docs[-6:], tok) and train.tolist() == stream(docs[:-6], tok)
-    assert (meta["splits"]["train"]["documents"], meta["splits"]["valid"]["documents"], meta["valid_docs"]) == (34, 6, 6)
+    splits = meta["splits"]
+    assert (splits["train"]["documents"], splits["valid"]["documents"], meta["valid_docs"]) == (34, 6, 6)
     assert all(0 < s["tokens"] <= 50 for sp in ("train", "valid") for s in meta["splits"][sp]["shards"])
     assert sorted(p.name for p in (tmp_path / "owt").iterdir() if p.name.startswith(".")) == []  # no temporary left
     corpus = load_corpus(str(tmp_path / "owt"), min_length=17)  # read_meta checks every shard's size
@@ -92,7 +93,8 @@ def test_openwebtext_from_the_hub_holds_out_its_last_100k_documents(tmp_path, ow
 
 def test_valid_docs_on_the_command_line_and_its_errors(tmp_path, owt_jsonl, tok, capsys):
     path, docs = owt_jsonl
-    assert main(["data", "prepare", str(path), "--out", str(tmp_path / "ok"), "--valid-docs", "3", "--workers", "1"]) == 0
+    argv = ["data", "prepare", str(path), "--out", str(tmp_path / "ok"), "--valid-docs", "3", "--workers", "1"]
+    assert main(argv) == 0
     assert segments(read_split(tmp_path / "ok", "valid"), tok) == docs[-3:]
     cases = [(["--valid", "0.1", "--valid-docs", "3"], "not both"),
              (["--valid-docs", "3", "--test", "0.1"], "leave --test at 0"),

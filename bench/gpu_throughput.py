@@ -21,6 +21,7 @@ Sampling: the ancestral sampler at length 1024 (float64 categorical draws, as th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -95,8 +96,9 @@ def build(args, device: torch.device) -> tuple[Bundle, Transformer]:
     return Bundle(MD4(args.vocab), net).to(device), net
 
 
-def time_training(args, device: torch.device, batch: int, bf16: bool) -> dict:
-    """Seconds per step of the md4.train step at micro-batch `batch` (raises OOM if it does not fit)."""
+def training_step(args, device: torch.device, batch: int, bf16: bool):
+    """The md4.train step at micro-batch `batch` on random tokens on the device, as a function of
+    no arguments (allocates the model and optimizer; OOM surfaces at the first call)."""
     model, net = build(args, device)
     ema = [p.detach().clone() for p in model.parameters()]
     params = list(model.parameters())
@@ -115,6 +117,12 @@ def time_training(args, device: torch.device, batch: int, bf16: bool) -> dict:
         with torch.no_grad():
             torch._foreach_lerp_(ema, params, 1e-4)
 
+    return step
+
+
+def time_training(args, device: torch.device, batch: int, bf16: bool) -> dict:
+    """Seconds per step of the md4.train step at micro-batch `batch` (raises OOM if it does not fit)."""
+    step = training_step(args, device, batch, bf16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -153,6 +161,35 @@ def time_sampling(args, device: torch.device, bf16: bool) -> dict:
                 step_ms=1e3 * seconds / args.sample_steps, tokens_s=args.sample_num * args.length / seconds)
 
 
+def sweep(args, device: torch.device, bf16: bool, flops: float, peak: float,
+          say=functools.partial(print, flush=True)) -> list[dict]:
+    """time_training at each micro-batch of args.batches ("auto": 1, 2, 4, ... up to
+    args.max_batch) until one runs out of memory; each row gets its MFU against `peak` TFLOP/s."""
+    if args.batches == "auto":
+        batches = [2**k for k in range(20) if 2**k <= args.max_batch]
+    else:
+        batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for b in batches:
+        try:
+            r = time_training(args, device, b, bf16)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not is_oom(e):
+                raise
+            say(f"batch {b}: out of memory")
+            break
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        r["mfu"] = flops * r["tokens_s"] / (peak * 1e12)
+        r["memory"] = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        say(f"batch {b}: {r['tokens_s']:,.0f} tokens/s, step {r['step_ms']:,.1f} ms, "
+            f"MFU ({'bf16' if bf16 else 'fp32'}) {r['mfu']:.1%}, "
+            f"peak memory {r['memory']} GiB (warm-up {r['warmup_s']:.1f} s)")
+        rows.append(r)
+    return rows
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads > 0:
@@ -167,27 +204,7 @@ def main(argv=None) -> None:
     print(f"{name}, torch {torch.__version__}; V={args.vocab} N={args.length} layers={args.layers} dim={args.dim} "
           f"heads={args.heads} dtype={dtype} compile={args.compile}; {net.num_params():,} parameters, "
           f"{flops / 1e9:.3f} GFLOP per token (training); attained {dtype} matmul {peak:.4g} TFLOP/s (n={args.matmul})")
-    if args.batches == "auto":
-        batches = [2**k for k in range(20) if 2**k <= args.max_batch]
-    else:
-        batches = [int(b) for b in args.batches.split(",")]
-    rows = []
-    for b in batches:
-        try:
-            r = time_training(args, device, b, bf16)
-        except (RuntimeError, torch.OutOfMemoryError) as e:
-            if not is_oom(e):
-                raise
-            print(f"batch {b}: out of memory")
-            break
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        r["mfu"] = flops * r["tokens_s"] / (peak * 1e12)
-        r["memory"] = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        print(f"batch {b}: {r['tokens_s']:,.0f} tokens/s, step {r['step_ms']:,.1f} ms, MFU ({dtype}) {r['mfu']:.1%}, "
-              f"peak memory {r['memory']} GiB (warm-up {r['warmup_s']:.1f} s)", flush=True)
-        rows.append(r)
+    rows = sweep(args, device, bf16, flops, peak)
     if not rows:
         raise SystemExit("not even the smallest batch fits")
     s = time_sampling(args, device, bf16)

@@ -10,7 +10,7 @@ import torch
 
 import md4
 from md4.cli import main
-from md4.data import CharTokenizer, detokenize, eval_chunks, load_corpus, normalize_text8, zeroshot
+from md4.data import CharTokenizer, eval_chunks, load_corpus, zeroshot
 from md4.evaluate import eval_table
 
 
@@ -105,21 +105,6 @@ def test_eval_table_formats_given_rows():
 
 
 # ----------------------------------------------------------------------------- zero-shot
-def test_detokenizers():
-    assert detokenize.wikitext(" = = Early life = = \n") == " == Early life ==\n"
-    assert detokenize.wikitext("a well @-@ known 3 @,@ 000 km , and 2 @.@ 5 m ( 8 ft ) .") == \
-        "a well-known 3,000 km, and 2.5 m (8 ft)."
-    assert detokenize.wikitext('he said " we do n\'t know " ; it \'s late') == 'he said "we don\'t know"; it\'s late'
-    assert detokenize.ptb("the company 's shares fell N N to $ N <unk> .") == \
-        "the company's shares fell 1 1 to $1 <unk>."
-    assert detokenize.ptb("they do n't\nNancy said") == "they don't\nNancy said"  # "N" only as a whole token
-    assert detokenize.lm1b("It 's over , he said ( again ) !") == "It's over, he said (again)!"
-    assert detokenize.lambada("  two   spaces\there ") == "two spaces here"
-    # what the character models see: the contraction joins its word
-    assert normalize_text8(detokenize.ptb("we do n't know N <unk>")) == "we don t know unk"
-    assert normalize_text8("we do n't know N <unk>") == "we do n t know n unk"
-
-
 @pytest.fixture
 def data_home(tmp_path, monkeypatch):
     """$MD4_DATA and the cache in a temporary folder; no network (downloads fail at once)."""

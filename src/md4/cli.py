@@ -110,7 +110,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--hf", metavar="DATASET[:CONFIG]", help="a Hugging Face dataset instead, e.g. Skylion007/openwebtext")
     q.add_argument("--hf-split", default="train")
     q.add_argument("--text-field", default="text", help="the text field of JSONL lines / dataset records")
-    q.add_argument("--valid", type=float, default=0.005, help="fraction of pieces held out for validation")
+    q.add_argument("--valid", type=float, default=None, help="fraction of pieces held out for validation "
+                                                              "(default 0.005)")
+    q.add_argument("--valid-docs", type=int, default=None, help="hold out the last N documents for validation "
+                                                                "instead (default 100000 for Skylion007/openwebtext)")
     q.add_argument("--test", type=float, default=0.0, help="fraction of pieces held out for testing")
     q.add_argument("--tokenizer", default="gpt2")
     q.add_argument("--workers", type=int, default=0, help="tokenizing processes (0 = all CPUs)")

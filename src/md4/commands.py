@@ -247,7 +247,8 @@ def cmd_data_prepare(args) -> None:
 
     meta = prepare(args.inputs, args.out, hf=args.hf, hf_split=args.hf_split, text_field=args.text_field,
                    valid=args.valid, test=args.test, tokenizer=args.tokenizer, workers=args.workers,
-                   piece_chars=args.piece_chars, shard_tokens=args.shard_tokens, max_documents=args.max_documents)
+                   piece_chars=args.piece_chars, shard_tokens=args.shard_tokens, max_documents=args.max_documents,
+                   valid_docs=args.valid_docs)
     sizes = ", ".join(f"{s} {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in meta["splits"].items())
     print(f"{args.out}: {meta['characters']:,} characters -> {sizes} ({meta['seconds']:.1f} s); "
           f"train with --set data.corpus={args.out}")

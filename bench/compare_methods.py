@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import md4
-from md4.cli import evaluate_model, reference_quality, sample_quality
 from md4.config import load_config
+from md4.evaluate import evaluate_model, reference_quality, sample_quality
 from md4.train import train
 
 

@@ -4,12 +4,16 @@
     python bench/gpu_throughput.py --compile        # the same with torch.compile
     python bench/gpu_throughput.py --tiny           # seconds on a CPU, for CI
 
-Training: the step md4.train runs (MD4 continuous-time loss per token under bf16 autocast,
-backward, gradient-norm, AdamW, fused on CUDA, and the EMA update) on random tokens already on
-the device, so the data loader is not measured. Micro-batch sizes double from 1 until one runs
-out of memory (or --batches lists them); each is timed after --warmup untimed steps. MFU = model
-FLOP/s / the card's attained bf16 rate, measured here on an n x n x n matmul (not the datasheet
-peak), with model FLOPs from `Transformer.flops_per_token` (6 P + 12 L D N per token).
+Training: the step md4.train runs (MD4 continuous-time loss per token, backward, gradient-norm,
+AdamW, fused on CUDA, and the EMA update) on random tokens already on the device, so the data
+loader is not measured. --dtype auto (the default) runs in the dtype md4 trains in on this device
+(md4.train.use_bf16: bf16 autocast on a GPU and on CPUs with native bf16, else fp32). Micro-batch
+sizes double from 1 until one runs out of memory (or --batches lists them); each is timed after
+--warmup untimed steps. MFU = model FLOP/s / the attained matmul rate in the run's dtype, measured
+here on an n x n x n matmul (not the datasheet peak), with model FLOPs from
+`Transformer.flops_per_token` (6 P + 12 L D N per token); the table names the dtype. On a CPU
+without native bf16, bf16 matmuls are emulated and slow, so an MFU against them says nothing: use
+fp32 there (what auto picks).
 Sampling: the ancestral sampler at length 1024 (float64 categorical draws, as the library does),
 --sample-num sequences, --sample-steps steps; tokens/s = sequences x length / seconds.
 """
@@ -17,17 +21,18 @@ Sampling: the ancestral sampler at length 1024 (float64 categorical draws, as th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
 
 import torch
 
+from md4 import train
+from md4.build import Bundle, resolve_device
+from md4.config import TrainConfig
 from md4.diffusion import MD4
 from md4.nn import Transformer
-from md4.pretrained import Bundle, resolve_device
-from md4.train import make_optimizer
-from md4.config import TrainConfig
 
 TINY = dict(vocab=257, length=64, layers=2, dim=64, heads=2, batches="2,4", steps=2, warmup=1, matmul=256,
             sample_num=2, sample_steps=4)
@@ -45,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=512)
     p.add_argument("--steps", type=int, default=10, help="timed steps per batch size")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto = what md4 trains in here (bf16 on GPUs and CPUs with native bf16, else fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--matmul", type=int, default=8192, help="size n of the reference n^3 matmul")
     p.add_argument("--sample-num", type=int, default=16)
@@ -56,6 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tiny:
         p.set_defaults(**TINY)
     return p.parse_args(argv)
+
+
+def pick_dtype(name: str, device: torch.device) -> str:
+    """The dtype to run in, bf16 or fp32: the --dtype given, or for auto the one md4.train uses on `device`."""
+    if name != "auto":
+        return name
+    return "bf16" if train.use_bf16("auto", device) else "fp32"
 
 
 def sync(device: torch.device) -> None:
@@ -83,19 +96,20 @@ def build(args, device: torch.device) -> tuple[Bundle, Transformer]:
     return Bundle(MD4(args.vocab), net).to(device), net
 
 
-def time_training(args, device: torch.device, batch: int, bf16: bool) -> dict:
-    """Seconds per step of the md4.train step at micro-batch `batch` (raises OOM if it does not fit)."""
+def training_step(args, device: torch.device, batch: int, bf16: bool):
+    """The md4.train step at micro-batch `batch` on random tokens on the device, as a function of
+    no arguments (allocates the model and optimizer; OOM surfaces at the first call)."""
     model, net = build(args, device)
     ema = [p.detach().clone() for p in model.parameters()]
     params = list(model.parameters())
-    opt = make_optimizer(model, TrainConfig(), device)
+    opt = train.make_optimizer(model, TrainConfig(), device)
     fwd = torch.compile(net) if args.compile else net
     g = torch.Generator(device).manual_seed(0)
     x = torch.randint(0, args.vocab, (batch, args.length), device=device)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model.diffusion.loss(fwd, x, generator=g) / args.length
+            loss = model.method.loss(fwd, x, generator=g) / args.length
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, float("inf"))
         opt.step()
@@ -103,6 +117,12 @@ def time_training(args, device: torch.device, batch: int, bf16: bool) -> dict:
         with torch.no_grad():
             torch._foreach_lerp_(ema, params, 1e-4)
 
+    return step
+
+
+def time_training(args, device: torch.device, batch: int, bf16: bool) -> dict:
+    """Seconds per step of the md4.train step at micro-batch `batch` (raises OOM if it does not fit)."""
+    step = training_step(args, device, batch, bf16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -131,29 +151,20 @@ def time_sampling(args, device: torch.device, bf16: bool) -> dict:
     net.eval()
     g = torch.Generator(device).manual_seed(0)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        model.diffusion.sample(net, 1, args.length, steps=2, generator=g, device=device)  # warm-up
+        model.method.sample(net, 1, args.length, steps=2, generator=g, device=device)  # warm-up
         sync(device)
         start = time.perf_counter()
-        model.diffusion.sample(net, args.sample_num, args.length, steps=args.sample_steps, generator=g, device=device)
+        model.method.sample(net, args.sample_num, args.length, steps=args.sample_steps, generator=g, device=device)
         sync(device)
     seconds = time.perf_counter() - start
     return dict(num=args.sample_num, steps=args.sample_steps, seconds=seconds,
                 step_ms=1e3 * seconds / args.sample_steps, tokens_s=args.sample_num * args.length / seconds)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    bf16 = args.dtype == "bf16"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    _, net = build(args, torch.device("meta"))
-    flops = net.flops_per_token(args.length)
-    peak = matmul_tflops(args.matmul, torch.bfloat16 if bf16 else torch.float32, device)
-    print(f"{name}, torch {torch.__version__}; V={args.vocab} N={args.length} layers={args.layers} dim={args.dim} "
-          f"heads={args.heads} dtype={args.dtype} compile={args.compile}; {net.num_params():,} parameters, "
-          f"{flops / 1e9:.3f} GFLOP per token (training); attained {args.dtype} matmul {peak:.1f} TFLOP/s (n={args.matmul})")
+def sweep(args, device: torch.device, bf16: bool, flops: float, peak: float,
+          say=functools.partial(print, flush=True)) -> list[dict]:
+    """time_training at each micro-batch of args.batches ("auto": 1, 2, 4, ... up to
+    args.max_batch) until one runs out of memory; each row gets its MFU against `peak` TFLOP/s."""
     if args.batches == "auto":
         batches = [2**k for k in range(20) if 2**k <= args.max_batch]
     else:
@@ -165,25 +176,46 @@ def main(argv=None) -> None:
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not is_oom(e):
                 raise
-            print(f"batch {b}: out of memory")
+            say(f"batch {b}: out of memory")
             break
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         r["mfu"] = flops * r["tokens_s"] / (peak * 1e12)
         r["memory"] = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        print(f"batch {b}: {r['tokens_s']:,.0f} tokens/s, step {r['step_ms']:,.1f} ms, MFU {r['mfu']:.1%}, "
-              f"peak memory {r['memory']} GiB (warm-up {r['warmup_s']:.1f} s)", flush=True)
+        say(f"batch {b}: {r['tokens_s']:,.0f} tokens/s, step {r['step_ms']:,.1f} ms, "
+            f"MFU ({'bf16' if bf16 else 'fp32'}) {r['mfu']:.1%}, "
+            f"peak memory {r['memory']} GiB (warm-up {r['warmup_s']:.1f} s)")
         rows.append(r)
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    bf16 = dtype == "bf16"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    _, net = build(args, torch.device("meta"))
+    flops = net.flops_per_token(args.length)
+    peak = matmul_tflops(args.matmul, torch.bfloat16 if bf16 else torch.float32, device)
+    print(f"{name}, torch {torch.__version__}; V={args.vocab} N={args.length} layers={args.layers} dim={args.dim} "
+          f"heads={args.heads} dtype={dtype} compile={args.compile}; {net.num_params():,} parameters, "
+          f"{flops / 1e9:.3f} GFLOP per token (training); attained {dtype} matmul {peak:.4g} TFLOP/s (n={args.matmul})")
+    rows = sweep(args, device, bf16, flops, peak)
     if not rows:
         raise SystemExit("not even the smallest batch fits")
     s = time_sampling(args, device, bf16)
     print(f"sampling: {s['num']} x {args.length} tokens, {s['steps']} steps: {s['seconds']:.2f} s "
           f"({s['step_ms']:.1f} ms per step, {s['tokens_s']:,.0f} tokens/s)")
-    print("\n| micro-batch | tokens/s | step ms | MFU | peak GiB |\n|---|---|---|---|---|")
+    print(f"\n| micro-batch | dtype | tokens/s | step ms | MFU of the {dtype} matmul rate | peak GiB |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['tokens_s']:,.0f} | {r['step_ms']:,.1f} | {r['mfu']:.1%} | {r['memory']} |")
-    print("RESULT " + json.dumps({"device": name, "matmul_tflops": peak, "flops_per_token": flops,
+        print(f"| {r['batch']} | {dtype} | {r['tokens_s']:,.0f} | {r['step_ms']:,.1f} | {r['mfu']:.1%} "
+              f"| {r['memory']} |")
+    print("RESULT " + json.dumps({"device": name, "dtype": dtype, "matmul_tflops": peak, "flops_per_token": flops,
                                   "train": rows, "largest_batch": rows[-1]["batch"], "sample": s}))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import md4
-from md4.cli import evaluate_model
+from md4.evaluate import evaluate_model
 from md4.config import load_config
 from md4.data import load_corpus
 from md4.molecules import fill_template, molecule_metrics, scaffold_kept

@@ -19,6 +19,7 @@ import torch
 
 import md4
 from md4.data import eval_chunks, load_corpus
+from md4.data.corpus import SPLITS
 from md4.evaluate import sequence_nelbo, summarize
 
 
@@ -26,7 +27,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--split", default="test", choices=[s for s in SPLITS if s != "train"])
     p.add_argument("--mc-samples", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
         model = md4.load(name)
         chunks = eval_chunks(load_corpus(model.config.data.corpus, min_length=model.length).split(args.split), model.length)
         t0 = time.time()
-        per_seq[name] = sequence_nelbo(model.diffusion, model.net, chunks, mc_samples=args.mc_samples,
+        per_seq[name] = sequence_nelbo(model.method, model.net, chunks, mc_samples=args.mc_samples,
                                        seed=args.seed, progress=not args.json)
         out[name] = {**summarize(per_seq[name], model.length), "method": model.config.method,
                      "seconds": round(time.time() - t0, 1)}

@@ -31,7 +31,7 @@ import torch
 
 import md4
 from md4.nn import Transformer
-from md4.sampling import sample
+from md4.sampling import GRIDS, SAMPLERS, sample
 from train_throughput import busy_cpu_seconds, own_cpu_seconds
 
 
@@ -40,7 +40,7 @@ class Counting:
 
     def __init__(self, net):
         self.net, self.calls, self.rows = net, 0, 0
-        self.time_cond = net.time_cond  # lets `cached` detect that t is ignored
+        self.uses_time = net.uses_time  # lets `cached` detect that t is ignored
 
     def __call__(self, x, t):
         self.calls += 1
@@ -68,7 +68,7 @@ def load(args):
         data = load_corpus(model.config.data.corpus).split("valid")
     except md4.UserError:
         pass
-    return model.diffusion, model.net, data, model
+    return model.method, model.net, data, model
 
 
 def judge_table(args, model, diffusion, net, data) -> list[dict]:
@@ -108,8 +108,8 @@ def main(argv=None):
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--num", type=int, default=8, help="samples per run (one batch)")
     p.add_argument("--steps", type=int, nargs="+", default=[64, 256, 1024, 4096])
-    p.add_argument("--grids", nargs="+", default=["cosine", "uniform"])
-    p.add_argument("--samplers", nargs="+", default=["ancestral", "cached", "jump"])
+    p.add_argument("--grids", nargs="+", default=list(GRIDS), choices=list(GRIDS))
+    p.add_argument("--samplers", nargs="+", default=["ancestral", "cached", "jump"], choices=list(SAMPLERS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows to this JSON file")

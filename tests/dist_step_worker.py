@@ -18,7 +18,7 @@ from md4 import distributed
 from md4.diffusion import MD4
 from md4.genmd4 import GenMD4
 from md4.nn import Transformer
-from md4.pretrained import Bundle
+from md4.build import Bundle
 
 V, N, B, MICRO, SEED, STEP = 11, 16, 8, 2, 3, 5
 

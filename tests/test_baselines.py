@@ -184,16 +184,23 @@ def test_sedd_bound_is_tight_with_the_exact_denoiser_and_unnormalised_scores_cos
 
 
 def test_sedd_reverse_step_is_md4s_for_normalised_scores():
-    """For logits = log mu the Tweedie step unmasks to y with probability (alpha_s - alpha_t) /
-    (1 - alpha_t) mu_y and keeps the mask with (1 - alpha_s) / (1 - alpha_t), as MD4's does."""
+    """For outputs with logits l = log mu (outputs log mu + log V, md4.sedd.log_ratio) the Tweedie step
+    unmasks with probability (alpha_s - alpha_t) / (1 - alpha_t), as MD4's does, and then takes y with
+    probability mu_y; for other outputs P(unmask) = U / (U + stay) with U = (e^{sb_t - sb_s} - 1)
+    sum_y e^{l_y} / (e^{sb_t} - 1) and stay = (1 - e^{-sb_s}) / (1 - e^{-sb_t})."""
     V = 4
     sedd = SEDD(V)
     mu = torch.softmax(torch.randn(2, 3, V, dtype=torch.float64), -1)
+    scaled = torch.randn(2, 3, V, dtype=torch.float64)
     for t, s in ((0.9, 0.6), (0.3, 0.0), (1.0, 0.999)):
         a_t, a_s = (sedd.schedule.alpha(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
-        p = sedd.reverse_probs(mu.log(), t, s)
-        torch.testing.assert_close(p[..., :V], (a_s - a_t) / (1 - a_t) * mu)
-        torch.testing.assert_close(p[..., V], ((1 - a_s) / (1 - a_t)).expand(2, 3))
+        p_unmask, token_logits = sedd.reveal(mu.log() + math.log(V), t, s)
+        torch.testing.assert_close(p_unmask, ((a_s - a_t) / (1 - a_t)).expand(2, 3))
+        torch.testing.assert_close(torch.softmax(token_logits, -1), mu)
+        sb_t, sb_s = (sedd.schedule.sigma_bar(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
+        U = math.expm1(sb_t - sb_s) * (scaled - math.log(V)).exp().sum(-1) / math.expm1(sb_t)
+        stay = -math.expm1(-sb_s) / -math.expm1(-sb_t)
+        torch.testing.assert_close(sedd.reveal(scaled, t, s)[0], U / (U + stay))
 
 
 def test_sedd_sampler_leaves_no_mask_and_keeps_given_tokens():

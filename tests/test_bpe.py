@@ -1,7 +1,9 @@
 """Tests for GPT-2 BPE corpora: the tokenizer (local merges file), `md4 data prepare` (shards, end-of-text
 separators, held-out split, processes), memory-mapped reading, training on a prepared folder, user errors."""
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +87,7 @@ def test_bad_merges_file_is_a_user_error(tmp_path):
 
 
 def test_models_trained_on_bpe_decode_with_the_gpt2_tokenizer():
-    from md4.pretrained import TOKENIZERS
+    from md4.build import TOKENIZERS
 
     assert TOKENIZERS["gpt2"]().decode([15496, 995]) == "Hello world"
 
@@ -156,7 +158,7 @@ def test_memory_mapped_windows_stay_inside_shards(tmp_path):
 def test_train_eval_sample_on_a_prepared_folder(tmp_path):
     """A prepared folder is a corpus: train a few steps, evaluate, sample, decode GPT-2 text."""
     import md4
-    from md4.cli import evaluate_model
+    from md4.evaluate import evaluate_model
     from md4.config import load_config
     from md4.train import train
 
@@ -200,6 +202,39 @@ def test_prepare_user_errors(tmp_path, capsys):
         assert message in err and "Traceback" not in err, (args, err)
     for out in ("o3", "o5"):
         assert not (tmp_path / out / "meta.json").exists()
+
+
+def test_prepare_leaves_nothing_after_an_error(tmp_path, capsys, monkeypatch):
+    """An error part-way (a bad line after 40 good ones, a full disk at meta.json) removes this call's shards and
+    the folders it made; a folder that existed keeps what it had; --out naming a file is refused."""
+    import md4.data.prepare
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((json.dumps({"text": "Some words to tokenize. " * 20}) + "\n") * 40 + "{not json\n")
+
+    def prepare_fails(out, words: str) -> None:
+        assert main(["data", "prepare", str(bad), "--out", str(out), "--workers", "1", "--shard-tokens", "100"]) == 2
+        err = capsys.readouterr().err  # the progress bar, then one sentence
+        assert words in err.splitlines()[-1] and err.count("md4: error: ") == 1 and "Traceback" not in err, err
+
+    prepare_fails(tmp_path / "a" / "b" / "corpus", "Line 41 of")
+    assert not (tmp_path / "a").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    prepare_fails(mine, "Line 41 of")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (tmp_path / "file.txt").write_text("keep")
+    prepare_fails(tmp_path / "file.txt", "existing file")
+    assert (tmp_path / "file.txt").read_text() == "keep"
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    bad.write_text((json.dumps({"text": "Some words to tokenize. " * 20}) + "\n") * 40)
+    monkeypatch.setattr(md4.data.prepare, "write_text_atomic", full_disk)
+    prepare_fails(tmp_path / "c", "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "file.txt", "mine"]
 
 
 def test_hf_dataset_without_datasets_is_a_user_error(tmp_path):

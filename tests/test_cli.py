@@ -83,7 +83,7 @@ def test_train_writes_a_complete_run_folder(trained_run, corpus):
     cfg = load_config("tiny", [f"data.corpus={corpus}"])
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "checkpoints", "model", "training_curve.png"} <= names
-    assert not [n for n in names if n.startswith(".")]  # no temporary files left behind
+    assert not [n for n in names if n.startswith(".") and n != ".lock"]  # no temporary files left behind
     # config.yaml is the run's full config and loads back as a config file
     assert load_config(str(run / "config.yaml")) == cfg
     assert yaml.safe_load((run / "config.yaml").read_text()) == cfg.to_dict()
@@ -302,6 +302,11 @@ def test_resume_from_a_damaged_checkpoint(run_copy, corpus, capsys, name, damage
 def test_resume_with_a_different_model_shape(run_copy, corpus, capsys, override):
     before = snapshot(run_copy)
     msg = user_error(capsys, ["train", "--out", run_copy, *tiny(corpus, override)])
+    assert override.split("=")[0] in msg and "config.yaml" in msg  # the run's own config says otherwise
+    assert snapshot(run_copy) == before
+    (run_copy / "config.yaml").unlink()  # without it, the checkpoint's weights do not fit either
+    before = snapshot(run_copy)
+    msg = user_error(capsys, ["train", "--out", run_copy, *tiny(corpus, override)])
     assert "do not match the model configuration" in msg and "step_00000020" in msg
     assert snapshot(run_copy) == before
 
@@ -309,6 +314,7 @@ def test_resume_with_a_different_model_shape(run_copy, corpus, capsys, override)
 def test_non_finite_loss_stops_and_keeps_good_checkpoints(run_copy, corpus, capsys):
     """A huge learning rate without clipping makes the loss NaN within two steps: exit 2, the
     earlier checkpoints and model are untouched, and no checkpoint holds non-finite weights."""
+    (run_copy / "config.yaml").unlink()  # the run's own config would refuse another train.lr
     kept = {p: b for p, b in snapshot(run_copy).items() if p.parts[0] in ("checkpoints", "model")}
     msg = user_error(capsys, ["train", "--out", run_copy,
                               *tiny(corpus, "train.steps=40", "train.lr=1e30", "train.grad_clip=0",

@@ -115,7 +115,7 @@ def test_later_override_wins():
         ("model.dropout=1", ["model.dropout"]),
         ("model.mlp_ratio=0", ["model.mlp_ratio"]),
         ("sample.steps=0", ["sample.steps", "at least 1"]),
-        ("sample.grid=foo", ["sample.grid", "cosine or uniform"]),
+        ("sample.grid=foo", ["sample.grid", "uniform, cosine"]),
     ],
 )
 def test_bad_overrides_are_user_errors(override, words):

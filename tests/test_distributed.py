@@ -111,7 +111,7 @@ def test_one_step_loss_and_gradients_equal_one_process(tmp_path):
             s = chunk_seed(worker.SEED, worker.STEP, k)
             torch.manual_seed(s + 1)
             denoiser = with_labels(model.net, yk)
-            losses.append(model.diffusion.loss(denoiser, xk, generator=torch.Generator().manual_seed(s)) / worker.N)
+            losses.append(model.method.loss(denoiser, xk, generator=torch.Generator().manual_seed(s)) / worker.N)
         ref = torch.stack(losses).mean()
         ref.backward()
         ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import md4
-from md4.cli import eval_table, main
-from md4.data import CharTokenizer, eval_chunks, load_corpus, normalize_text8
-from md4.data import detokenize
-from md4.data import zeroshot
+from md4.cli import main
+from md4.data import CharTokenizer, eval_chunks, load_corpus, zeroshot
+from md4.evaluate import eval_table
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +56,7 @@ def test_ar_eval_is_its_exact_likelihood(runs, corpus, capsys):
     with torch.no_grad():
         nll = torch.zeros(len(chunks), dtype=torch.float64)
         for n in range(m.length):
-            prefix = torch.cat([torch.full((len(chunks), 1), m.diffusion.bos_id), chunks[:, :n]], 1)
+            prefix = torch.cat([torch.full((len(chunks), 1), m.method.bos_id), chunks[:, :n]], 1)
             logp = torch.log_softmax(m.net(prefix, torch.zeros(len(chunks)))[:, -1].double(), -1)
             nll -= logp.gather(-1, chunks[:, n : n + 1]).squeeze(-1)
     want = nll.mean().item() / (m.length * math.log(2))
@@ -73,7 +72,7 @@ def test_ar_eval_is_its_exact_likelihood(runs, corpus, capsys):
 def test_baselines_sample_and_load(runs, capsys):
     for method, run in runs.items():
         m = md4.load(run)
-        assert type(m.diffusion).__name__ == method.upper()
+        assert type(m.method).__name__ == method.upper()
         assert main(["sample", str(run), "--num", "2", "--steps", "8", "--json"]) == 0
         texts = json.loads(capsys.readouterr().out)["samples"]
         assert len(texts) == 2 and all(len(t) == m.length and set(t) <= set(CharTokenizer.alphabet) for t in texts)
@@ -106,21 +105,6 @@ def test_eval_table_formats_given_rows():
 
 
 # ----------------------------------------------------------------------------- zero-shot
-def test_detokenizers():
-    assert detokenize.wikitext(" = = Early life = = \n") == " == Early life ==\n"
-    assert detokenize.wikitext("a well @-@ known 3 @,@ 000 km , and 2 @.@ 5 m ( 8 ft ) .") == \
-        "a well-known 3,000 km, and 2.5 m (8 ft)."
-    assert detokenize.wikitext('he said " we do n\'t know " ; it \'s late') == 'he said "we don\'t know"; it\'s late'
-    assert detokenize.ptb("the company 's shares fell N N to $ N <unk> .") == \
-        "the company's shares fell 1 1 to $1 <unk>."
-    assert detokenize.ptb("they do n't\nNancy said") == "they don't\nNancy said"  # "N" only as a whole token
-    assert detokenize.lm1b("It 's over , he said ( again ) !") == "It's over, he said (again)!"
-    assert detokenize.lambada("  two   spaces\there ") == "two spaces here"
-    # what the character models see: the contraction joins its word
-    assert normalize_text8(detokenize.ptb("we do n't know N <unk>")) == "we don t know unk"
-    assert normalize_text8("we do n't know N <unk>") == "we do n t know n unk"
-
-
 @pytest.fixture
 def data_home(tmp_path, monkeypatch):
     """$MD4_DATA and the cache in a temporary folder; no network (downloads fail at once)."""
@@ -130,7 +114,7 @@ def data_home(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(zeroshot, "download", offline)
+    monkeypatch.setattr(zeroshot, "fetch", offline)
     monkeypatch.setattr(zeroshot, "from_datasets", lambda ds: (_ for _ in ()).throw(ImportError()))
     return tmp_path / "data"
 

@@ -3,7 +3,10 @@
 - w = 1 for every token is MD4 with the linear schedule, draw for draw.
 - Exactness: with the exact denoiser of the state-dependent forward process, the expected
   continuous NELBO (mask patterns enumerated, t integrated by Gauss-Legendre) is -log p(x0) up to
-  the eps clipping, and the Monte-Carlo estimator is unbiased for it.
+  the eps clipping, over [0, 1] and over [t1, 1] plus the exact decoder's term for [0, t1]; the
+  library's bound with the cut-off (its own reconstruction term) is above it on average, and the
+  Monte-Carlo estimator is unbiased for it.
+- The time cut-off: no time below t1 is ever used, and every estimate is below an analytic bound.
 - The training loss's gradient for w is unbiased: exactly (all pairs of mask patterns enumerated at
   fixed t) and by Monte Carlo against the quadrature gradient of the expected NELBO.
 - The sampler's exact law (propagated over all (V+1)^N states) and chi-square tests of its draws,
@@ -22,10 +25,10 @@ from safetensors.torch import load_file
 
 import md4
 from md4 import MD4, GenMD4, checkpoint
+from md4.build import Bundle, build, model_metadata
 from md4.cli import main
 from md4.config import load_config
 from md4.errors import UserError
-from md4.pretrained import build, model_metadata
 from md4.sampling import time_grid
 from md4.toy import ToyDistribution
 
@@ -43,14 +46,14 @@ _X, _W = (torch.tensor(v) for v in np.polynomial.legendre.leggauss(20))
 MESH = [0.0] + [10.0**k for k in range(-6, 0)] + [i / 10 for i in range(2, 11)]  # graded towards 0
 
 
-def integrate_t(f):
-    """integral_0^1 f(t) dt with t = u^2 (smooths t^(w-1) singularities), composite 20-point
-    Gauss-Legendre in u over MESH; f maps t [K] float64 to [K] (autograd passes through)."""
+def integrate_t(f, lo=0.0):
+    """integral_lo^1 f(t) dt with t = lo + (1 - lo) u^2 (smooths t^(w-1) singularities), composite
+    20-point Gauss-Legendre in u over MESH; f maps t [K] float64 to [K] (autograd passes through)."""
     e = torch.tensor(MESH, dtype=torch.float64)
-    lo, hi = e[:-1, None], e[1:, None]
-    u = ((hi - lo) / 2 * _X + (hi + lo) / 2).flatten()
-    weights = ((hi - lo) / 2 * _W).flatten()
-    return (f(u**2) * 2 * u * weights).sum()
+    a, b = e[:-1, None], e[1:, None]
+    u = ((b - a) / 2 * _X + (b + a) / 2).flatten()
+    weights = ((b - a) / 2 * _W).flatten()
+    return (f(lo + (1 - lo) * u**2) * (1 - lo) * 2 * u * weights).sum()
 
 
 def mask_patterns(N):
@@ -71,9 +74,26 @@ def expected_given_t(model, den, x0, t):
     return (prob * f).view(K, P).sum(-1)
 
 
-def expected_nelbo(model, den, x0):
-    """The expected continuous-time NELBO of x0 without the reconstruction term (a scalar tensor)."""
-    return integrate_t(lambda t: expected_given_t(model, den, x0, t))
+def expected_nelbo(model, den, x0, lo=0.0):
+    """The expected continuous-time NELBO of x0 over [lo, 1], without a reconstruction term (a scalar tensor)."""
+    return integrate_t(lambda t: expected_given_t(model, den, x0, t), lo)
+
+
+def bound_with_cutoff(model, den, x0):
+    """What model.nelbo estimates: the integral over [t1, 1] plus the model's reconstruction term."""
+    return expected_nelbo(model, den, x0, model.t1) + model.reconstruction(x0[None])[0]
+
+
+def exact_decoder_term(model, toy, x0, t):
+    """E_{q(x_t|x0)} [-log p(x0 | x_t)] with the exact posterior of the toy under the model's forward
+    process at time t (float): the reconstruction term that makes the bound with a cut-off tight."""
+    masks = mask_patterns(toy.length)  # [P, N]
+    a = model.schedule.alpha(torch.tensor(t, dtype=torch.float64)).detach().double()[toy.sequences]  # [K, N]
+    seen = masks[:, None] | (toy.sequences[None] == x0)  # [P, K, N]: x_t consistent with each sequence
+    q = (torch.where(masks[:, None], 1 - a, a) * seen).prod(-1)  # q(x_t | x0') [P, K]
+    k = toy.index(x0[None])[0]
+    posterior = toy.probs[k] * q[:, k] / (toy.probs * q).sum(-1)  # p(x0 | x_t) [P]
+    return (q[:, k] * -posterior.log()).sum()
 
 
 def exact(toy, model):
@@ -121,7 +141,7 @@ def test_forward_sample_keeps_each_token_with_its_own_probability():
 @pytest.mark.parametrize("timesteps", [0, 7])
 def test_all_w_one_is_md4_linear_on_the_same_draws(timesteps):
     V = 5
-    gen, base = GenMD4(V), MD4(V, "linear")
+    gen, base = GenMD4(V, t1=0), MD4(V, "linear")  # MD4 has no time cut-off
     table = torch.randn(V + 1, V, generator=torch.Generator().manual_seed(0))
     den = lambda xt, t: table[xt] * (1 + t[:, None, None])
     x0 = torch.randint(0, V, (64, 20), generator=torch.Generator().manual_seed(1))
@@ -131,7 +151,7 @@ def test_all_w_one_is_md4_linear_on_the_same_draws(timesteps):
     t = torch.rand(64)
     assert torch.equal(gen.forward_sample(x0, t, torch.Generator().manual_seed(3)),
                        base.forward_sample(x0, t, torch.Generator().manual_seed(3)))
-    assert gen.reconstruction(20) == base.reconstruction(20)
+    assert gen.reconstruction(x0).tolist() == pytest.approx([base.reconstruction(20)] * 64, rel=1e-5)
     # the training loss is the mean of two draws at the same times: equal to MD4's on those draws
     loss = gen.loss(den, x0, generator=torch.Generator().manual_seed(4), t=t)
     twice = base.nelbo(den, torch.cat([x0, x0]), generator=torch.Generator().manual_seed(4), t=torch.cat([t, t]))
@@ -143,8 +163,8 @@ def test_bad_exponents_and_schedules_are_user_errors():
         with pytest.raises(UserError, match="exponent"):
             GenMD4(3, w=w)
     with pytest.raises(UserError, match="polynomial"):
-        build(load_config("tiny", ["method=genmd4", "schedule=cosine"]), 27)
-    diffusion, _ = build(load_config("tiny", ["diffusion=genmd4", "schedule=poly2"]), 27)
+        build(load_config("tiny", ["method=genmd4", "schedule=cosine", "model.time_cond=true"]), 27)
+    diffusion, _ = build(load_config("tiny", ["diffusion=genmd4", "schedule=poly2", "model.time_cond=true"]), 27)
     assert isinstance(diffusion, GenMD4) and torch.allclose(diffusion.schedule.w, torch.full((27,), 2.0))
     assert load_config("tiny", ["diffusion=genmd4"]).method == "genmd4"
 
@@ -177,17 +197,27 @@ def test_exact_denoiser_depends_on_t_for_unequal_w_and_is_the_posterior():
 
 
 def test_expected_continuous_nelbo_with_the_exact_denoiser_is_minus_log_likelihood():
-    """The identity that makes GenMD4's objective a likelihood bound: tight for the exact denoiser.
-    A wrong denoiser (MD4's, which ignores w) is a different model: averaged over the data its bound
-    is larger than the entropy (the cross-entropy of any model is)."""
+    """The identity that makes GenMD4's objective a likelihood bound: tight for the exact denoiser,
+    over [0, 1], and over [t1, 1] with the exact decoder's term for [0, t1] (-log p(x0) = E[-log
+    p(x0 | x_t1)] + KL(q(x_t1 | x0) || p(x_t1)), the latter being the integral). The model's own
+    reconstruction term guesses tokens independently of the data, so its bound is above the exact one
+    on average over the data (Gibbs), by little. A wrong denoiser (MD4's, which ignores w) is a
+    different model: averaged over the data its bound is larger than the entropy."""
     model = GenMD4(3, w=W)
     den, md4_den = exact(TOY, model), TOY.denoiser()
     with torch.no_grad():
         right = torch.stack([expected_nelbo(model, den, x0) for x0 in TOY.sequences])
         wrong = torch.stack([expected_nelbo(model, md4_den, x0) for x0 in TOY.sequences])
+        above_t1 = torch.stack([expected_nelbo(model, den, x0, model.t1) for x0 in TOY.sequences])
+        decoder = torch.stack([exact_decoder_term(model, TOY, x0, model.t1) for x0 in TOY.sequences])
+        own = model.reconstruction(TOY.sequences).double()
     nll = -TOY.probs.log()
     assert ((right - nll).abs() < 1e-3 * nll).all(), (right - nll).abs().max()
+    assert ((above_t1 + decoder - nll).abs() < 1e-3 * nll).all(), (above_t1 + decoder - nll).abs().max()
+    assert ((above_t1 - nll).abs() > 1e-3 * nll).any()  # the term for [0, t1] weighs more than the tolerance
     entropy = (TOY.probs * nll).sum()
+    gap = TOY.probs @ (own - decoder)
+    assert 0 < gap < 2e-3, gap
     assert (TOY.probs * wrong).sum() > entropy + 0.01
 
 
@@ -197,10 +227,12 @@ def test_continuous_nelbo_estimator_is_unbiased_for_minus_log_likelihood():
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for x0 in TOY.sequences[[5, 13]]:
-            target = expected_nelbo(model, den, x0).item() + model.reconstruction(3)
+            target = bound_with_cutoff(model, den, x0).item()
             mean, se = mc_mean(lambda x0=x0: model.nelbo(den, x0.expand(512, -1), generator=gen), 40)
             assert abs(mean - target) < Z * se, (mean, target, se)
-            assert abs(mean + TOY.log_prob(x0[None]).item()) < Z * se + 3e-3
+            # with the exact decoder's term instead of the model's, -log p(x0) up to the eps clipping
+            exact_bound = mean - model.reconstruction(x0[None]).item() + exact_decoder_term(model, TOY, x0, model.t1)
+            assert abs(exact_bound + TOY.log_prob(x0[None]).item()) < Z * se + 3e-3
 
 
 def expected_discrete(model, den, x0, T):
@@ -236,7 +268,71 @@ def test_discrete_nelbo_decreases_to_the_continuous_one_and_its_estimator_is_unb
         x0 = TOY.sequences[i]
         with torch.no_grad():
             mean, se = mc_mean(lambda x0=x0: model.nelbo(den, x0.expand(512, -1), timesteps=8, generator=gen), 30)
-        assert abs(mean - disc[i, 2].item() - model.reconstruction(3)) < Z * se
+        assert abs(mean - disc[i, 2].item() - model.reconstruction(x0[None], at=0.0).item()) < Z * se
+
+
+# ----------------------------------------------------------------------------- time cut-off
+def test_the_estimator_given_u_is_the_bound_with_the_cutoff_by_hand():
+    """nelbo(t=u) calls the denoiser at t = t1 + (1 - t1) u and returns (1 - t1) x the masked terms
+    there plus sum_n (1 - alpha_{t1,i}) (-log d_i), d = (1 - alpha_{t1}) / sum_j (1 - alpha_{t1,j})."""
+    V, N, t1 = 4, 6, 1e-3
+    model = GenMD4(V, w=[0.4, 1.0, 2.0, 3.0]).double()
+    assert model.t1 == t1  # the reference code's default
+    logits = torch.randn(N, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    calls = []
+
+    def den(xt, t):
+        calls.append((xt.clone(), t.clone()))
+        return logits.expand(len(xt), -1, -1)
+
+    x0 = torch.randint(0, V, (5, N), generator=torch.Generator().manual_seed(1))
+    u = torch.tensor([0.0, 0.1, 0.5, 0.9, 0.999], dtype=torch.float64)
+    with torch.no_grad():
+        out = model.nelbo(den, x0, t=u, generator=torch.Generator().manual_seed(2))
+        (xt, t), = calls
+        torch.testing.assert_close(t, t1 + (1 - t1) * u, rtol=1e-12, atol=0)
+        mu, lam = torch.softmax(logits, -1), -model.schedule.weight(t)  # [N, V], [B, V]
+        masked_sum = torch.zeros(5, dtype=torch.float64)
+        for b, n in itertools.product(range(5), range(N)):
+            if xt[b, n] == V:
+                i = x0[b, n]
+                masked_sum[b] += -lam[b, i] * mu[n, i].log() + (mu[n] * (lam[b] - lam[b, i])).sum()
+        m = 1 - model.schedule.alpha(torch.tensor(t1, dtype=torch.float64))  # [V]
+        recon = (m[x0] * -(m[x0] / m.sum()).log()).sum(-1)
+    assert (xt == V).any()
+    torch.testing.assert_close(out, (1 - t1) * masked_sum + recon, rtol=1e-9, atol=0)
+
+
+def test_no_time_below_t1_is_used_and_every_estimate_is_below_the_analytic_bound():
+    """Issue 13, item 6. For w <= 0.5 the rate lambda_t = w t^(w-1) / (t^w + eps) (about) is unbounded
+    as t -> 0 and the one-sample estimator's second moment diverges. With the cut-off every time the
+    denoiser sees (in nelbo and in the loss) is >= t1, and since lambda_{t,j} decreases in t for
+    w_j <= 1, every masked position's term is at most max_j lambda_{t1,j} (log V + 1) (for any mu:
+    -lambda_i log mu_i <= lambda_i log V with uniform mu, sum_j mu_j (lambda_j - lambda_i) <= max lambda),
+    so every estimate is at most (1 - t1) N that + the reconstruction term: also at u = 0, the worst
+    draw, where the old code's estimate was about 1e25 for any position masked at t = 0."""
+    V, N, B = 2, 256, 256
+    model = GenMD4(V, w=[0.4, 1.0])
+    times = []
+
+    def uniform(xt, t):
+        times.append(t.min().item())
+        return torch.zeros(*xt.shape, V)
+
+    x0 = torch.zeros(B, N, dtype=torch.long)  # every token is the one with w = 0.4
+    lam_max = -model.schedule.weight(torch.tensor([model.t1, 0.01, 0.5, 1.0])).max(-1).values  # decreasing in t
+    assert (lam_max[1:] < lam_max[:-1]).all()
+    bound = (1 - model.t1) * N * lam_max[0].item() * (math.log(V) + 1) + model.reconstruction(x0[:1]).item()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        worst = model.nelbo(uniform, x0, t=torch.zeros(B), generator=gen)
+        assert torch.isfinite(worst).all() and worst.max() <= bound, (worst.max().item(), bound)
+        assert worst.max() > 0.1 * bound / N  # some positions were masked at u = 0: the bound is not vacuous
+        small = x0[:, :1]
+        for _ in range(200):
+            assert model.nelbo(uniform, small, generator=gen).max() <= bound
+            model.loss(uniform, small, generator=gen)
+    assert min(times) >= model.t1
 
 
 # ----------------------------------------------------------------------------- gradient for w
@@ -250,16 +346,19 @@ def fixed_denoiser(V, N, seed=0):
 
 def test_loss_gradient_for_w_is_exactly_unbiased_given_t(monkeypatch):
     """At fixed t, E over the two independent draws (all 4^N pairs of mask patterns, weighted by their
-    probabilities) of d loss / d w equals d/dw E_{x_t}[NELBO] computed by enumeration, to rounding.
-    Without the REINFORCE term the check fails."""
+    probabilities) of d loss / d w equals d/dw E_{x_t}[NELBO] computed by enumeration, to rounding
+    (the NELBO with the cut-off: the masked terms at t1 + (1 - t1) t times (1 - t1), plus the
+    reconstruction term, whose gradient is exact). Without the REINFORCE term the check fails."""
     V, N = 3, 2
     model, den = GenMD4(V, w=[0.6, 1.0, 1.8]).double(), fixed_denoiser(V, N)  # float64 for a tight check
     x0 = torch.tensor([[2, 0]])
     masks = mask_patterns(N)
-    for tv in (0.05, 0.4, 0.9):
-        t = torch.tensor([tv], dtype=torch.float64)
-        truth, = torch.autograd.grad(expected_given_t(model, den, x0[0], t).sum(), model.schedule.log_w)
-        a = model.keep_probability(x0, t).detach()[0]
+    for tv in (0.0, 0.05, 0.4, 0.9):
+        t = torch.tensor([tv], dtype=torch.float64)  # the uniform draw, at time model.cutoff_times(t)
+        time = model.cutoff_times(t)
+        expected = (1 - model.t1) * expected_given_t(model, den, x0[0], time) + model.reconstruction(x0)
+        truth, = torch.autograd.grad(expected.sum(), model.schedule.log_w)
+        a = model.keep_probability(x0, time).detach()[0]
         prob = torch.where(masks, 1 - a, a).prod(-1)  # [P]
         estimate = torch.zeros(V, dtype=torch.float64)
         no_reinforce = torch.zeros(V, dtype=torch.float64)
@@ -268,7 +367,9 @@ def test_loss_gradient_for_w_is_exactly_unbiased_given_t(monkeypatch):
             monkeypatch.setattr(model, "forward_sample", lambda x, tt, g, xt=xt: xt)
             grad, = torch.autograd.grad(model.loss(den, x0, t=t), model.schedule.log_w)
             estimate += prob[i] * prob[j] * grad
-            L = model.masked_terms(den(xt, t.expand(2)), x0.expand(2, -1), xt, t.expand(2)).mean()
+            tt = time.expand(2)
+            L = (1 - model.t1) * model.masked_terms(den(xt, tt), x0.expand(2, -1), xt, tt).mean()
+            L = L + model.reconstruction(x0).sum()
             no_reinforce += prob[i] * prob[j] * torch.autograd.grad(L, model.schedule.log_w)[0]
         torch.testing.assert_close(estimate, truth, rtol=1e-9, atol=1e-12)
         assert (no_reinforce - truth).abs().max() > 1e-3 * truth.abs().max()
@@ -282,7 +383,7 @@ def test_loss_gradient_for_w_is_unbiased_by_monte_carlo():
     # ~1/t and the mean of a few hundred draws is visibly skewed); the exact test above covers w < 1
     model, den = GenMD4(V, w=[1.3, 1.6, 2.2]), fixed_denoiser(V, N, seed=1)
     x0s = torch.tensor([[2, 0], [1, 1]])
-    truth, = torch.autograd.grad(sum(expected_nelbo(model, den, x) for x in x0s) / 2, model.schedule.log_w)
+    truth, = torch.autograd.grad(sum(bound_with_cutoff(model, den, x) for x in x0s) / 2, model.schedule.log_w)
     x0 = x0s.repeat(256, 1)  # the batch mean of the loss is the mean over the two sequences
     gen = torch.Generator().manual_seed(7)
     draws = torch.stack([torch.autograd.grad(model.loss(den, x0, generator=gen), model.schedule.log_w)[0]
@@ -409,7 +510,7 @@ def genmd4_run(tmp_path_factory, corpus):
     """A tiny GenMD4 run trained with `--set diffusion=genmd4` and a large schedule learning rate."""
     run = tmp_path_factory.mktemp("runs") / "genmd4"
     argv = ["train", "--config", "tiny", "--out", str(run), "--set", f"data.corpus={corpus}", "--set",
-            "diffusion=genmd4", "--set", "train.schedule_lr_scale=20", "--quiet"]
+            "diffusion=genmd4", "--set", "model.time_cond=true", "--set", "train.schedule_lr_scale=20", "--quiet"]
     assert main(argv) == 0
     return run
 
@@ -417,23 +518,24 @@ def genmd4_run(tmp_path_factory, corpus):
 def test_training_learns_w_and_load_restores_it(genmd4_run):
     cfg = checkpoint.read_json(genmd4_run / "model" / "config.json")["config"]
     assert cfg["method"] == "genmd4"
-    saved = load_file(str(genmd4_run / "model" / "model.safetensors"))["diffusion.schedule.log_w"]
+    saved = load_file(str(genmd4_run / "model" / "model.safetensors"))["method.schedule.log_w"]
     m = md4.load(genmd4_run)
-    assert isinstance(m.diffusion, GenMD4)
-    assert torch.equal(m.diffusion.schedule.log_w.detach(), saved)
+    assert isinstance(m.method, GenMD4)
+    assert torch.equal(m.method.schedule.log_w.detach(), saved)
     assert (saved.exp() - 1).abs().max() > 0.05  # trained: w moved away from its initial ones
     x = m.sample(2, steps=8)
     assert x.shape == (2, m.length) and (x < 27).all()
 
 
-def save_genmd4_model(folder):
-    """A GenMD4 model folder (untrained tiny network) with w = linspace(0.3, 3.0, 27); returns w."""
-    cfg = load_config("tiny", ["method=genmd4"])
-    diffusion, net = build(cfg, 27)
+def save_genmd4_model(folder, time_cond=True):
+    """A GenMD4 model folder (untrained tiny network) with w = linspace(0.3, 3.0, 27); returns w.
+    time_cond=False: as `md4 train` saved GenMD4 models before issue 13."""
+    cfg = load_config("tiny", ["method=genmd4", f"model.time_cond={str(time_cond).lower()}"])
+    diffusion, net = build(cfg, 27, saved=True)
     w = torch.linspace(0.3, 3.0, 27)
     with torch.no_grad():
         diffusion.schedule.log_w.copy_(w.log())
-    checkpoint.save_model(folder, model_metadata(cfg, 27), md4.pretrained.Bundle(diffusion, net).state_dict())
+    checkpoint.save_model(folder, model_metadata(cfg, 27), Bundle(diffusion, net).state_dict())
     return w
 
 
@@ -443,18 +545,40 @@ def test_resumed_genmd4_run_ends_with_the_same_weights_and_w(genmd4_run, corpus,
     (run / "checkpoints").mkdir(parents=True)
     shutil.copytree(genmd4_run / "checkpoints" / "step_00000015", run / "checkpoints" / "step_00000015")
     argv = ["train", "--config", "tiny", "--out", str(run), "--set", f"data.corpus={corpus}", "--set",
-            "diffusion=genmd4", "--set", "train.schedule_lr_scale=20", "--quiet"]
+            "diffusion=genmd4", "--set", "model.time_cond=true", "--set", "train.schedule_lr_scale=20", "--quiet"]
     assert main(argv) == 0
     ref, got = (load_file(str(r / "model" / "model.safetensors")) for r in (genmd4_run, run))
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+def test_genmd4_needs_a_network_that_sees_t(corpus, tmp_path, capsys):
+    """Issue 13, item 7: with unequal w the exact denoiser depends on t (test above), so a new GenMD4
+    model with model.time_cond=false (the demo and tiny presets' setting) is refused in one sentence
+    before anything is written; with time_cond=true it builds. A GenMD4 model saved without time
+    conditioning (before this rule) still loads and samples as it was trained."""
+    with pytest.raises(UserError, match="needs a network that sees t.*model.time_cond=true"):
+        build(load_config("demo", ["diffusion=genmd4"]), 27)
+    assert build(load_config("demo", ["diffusion=genmd4", "model.time_cond=true"]), 27)[1].time_cond
+    assert not build(load_config("demo"), 27)[1].time_cond  # MD4 keeps its time-independent network
+    run = tmp_path / "run"
+    argv = ["train", "--config", "tiny", "--out", str(run), "--set", f"data.corpus={corpus}",
+            "--set", "diffusion=genmd4", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("md4: error: ") and len(err.strip().splitlines()) == 1 and "model.time_cond=true" in err
+    assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+    save_genmd4_model(tmp_path / "old", time_cond=False)
+    old = md4.load(tmp_path / "old")
+    assert isinstance(old.method, GenMD4) and not old.net.time_cond
+    assert old.sample(1, steps=4).shape == (1, old.length)
+
+
 def test_save_load_round_trip_of_w(tmp_path):
     w = save_genmd4_model(tmp_path / "m")
     m = md4.load(tmp_path / "m")
-    torch.testing.assert_close(m.diffusion.schedule.w.detach(), w, rtol=1e-6, atol=0)
-    m.diffusion.schedule.log_w.data.zero_()  # and the loaded exponents are the saved ones, not defaults
-    assert not torch.equal(md4.load(tmp_path / "m").diffusion.schedule.w, m.diffusion.schedule.w)
+    torch.testing.assert_close(m.method.schedule.w.detach(), w, rtol=1e-6, atol=0)
+    m.method.schedule.log_w.data.zero_()  # and the loaded exponents are the saved ones, not defaults
+    assert not torch.equal(md4.load(tmp_path / "m").method.schedule.w, m.method.schedule.w)
 
 
 def test_inspect_lists_the_largest_w_first_and_writes_a_png(tmp_path, capsys):

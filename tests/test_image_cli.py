@@ -132,7 +132,7 @@ def test_micro_batches_train_class_conditional_images(tmp_path, monkeypatch):
     """Gradient accumulation (the torchrun code path in one process) on labelled images; the step itself
     is compared with a hand computation in tests/test_distributed.py."""
     run = train_images(tmp_path, monkeypatch, "train.steps=4", "train.micro_batch=4", "train.eval_every=4",
-                       "train.log_every=1", "method=genmd4")
+                       "train.log_every=1", "method=genmd4", "model.time_cond=true")
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss_bpc"] for r in recs if "loss_bpc" in r]
     assert len(losses) == 4 and all(0 < v < 20 for v in losses)

@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from md4.build import build, model_metadata
 from md4.checkpoint import read_json
 from md4.cli import main
+from md4.config import load_config
 from md4.data import load_corpus
-from md4.data.records import EOS, PAD, RecordTokenizer, read_records, record_summary, vocabulary
+from md4.data.records import EOS, PAD, RecordTokenizer, read_records, vocabulary
 from md4.errors import UserError
+from md4.evaluate import record_summary
+from md4.pretrained import read_model_config
 from md4.restrict import NEG, restrict_logits
 from test_cli import user_error  # one sentence on stderr, exit status 2
 
@@ -145,10 +149,13 @@ def test_prepare_train_eval_sample(tmp_path, capsys):
 
 
 def test_bad_records(tmp_path, capsys):
+    def prepare(name):
+        return ["data", "prepare", tmp_path / name, "--records", "--out", tmp_path / "o"]
+
     (tmp_path / "empty.txt").write_text("ab\n\ncd\n")
-    assert "Line 2" in user_error(capsys, ["data", "prepare", tmp_path / "empty.txt", "--records", "--out", tmp_path / "o"])
+    assert "Line 2" in user_error(capsys, prepare("empty.txt"))
     (tmp_path / "bad.fasta").write_text("MKV\n>x\nAA\n")
-    assert "header" in user_error(capsys, ["data", "prepare", tmp_path / "bad.fasta", "--records", "--out", tmp_path / "o"])
+    assert "header" in user_error(capsys, prepare("bad.fasta"))
     long = tmp_path / "long.txt"
     long.write_text("".join("ab" * (1 + i % 10) + "\n" for i in range(100)))
     assert main(["data", "prepare", str(long), "--records", "--out", str(tmp_path / "p")]) == 0
@@ -159,3 +166,60 @@ def test_bad_records(tmp_path, capsys):
     meta = read_json(tmp_path / "q" / "meta.json")
     assert sum(v["dropped_too_long"] for v in meta["splits"].values()) == 50
     assert load_corpus(str(tmp_path / "q"), min_length=12).train.shape[1] == 12
+
+
+def test_build_restricts_a_records_network_without_touching_it():
+    """md4.build, given the tokenizer, adds the restriction (a forward hook; same weights and
+    state dict): before a known symbol a blank is a symbol, after it the row must end; a causal
+    (AR) network is left free."""
+    tok = RecordTokenizer(list("ab"), length=4)
+    a, m = tok.ids["a"], tok.mask_id
+    x, t = torch.tensor([[m, m, a, m]]), torch.ones(1)
+    torch.manual_seed(0)
+    method, net = build(load_config("tiny", ["data.length=4"]), tok.vocab_size, tokenizer=tok)
+    torch.manual_seed(0)
+    _, free = build(load_config("tiny", ["data.length=4"]), tok.vocab_size)
+    assert net.state_dict().keys() == free.state_dict().keys()
+    restricted, logits = net(x, t), free(x, t)
+    blocked = restricted == NEG
+    assert blocked[0, :2].tolist() == [[True, True, False, False]] * 2  # no PAD, no EOS before the symbol
+    assert blocked[0, 3].tolist() == [True, False, True, True]  # only EOS after it
+    assert torch.equal(restricted[~blocked], logits[~blocked])
+    _, ar = build(load_config("tiny", ["data.length=4", "method=ar", "model.time_cond=true"]), tok.vocab_size,
+                  tokenizer=tok)
+    assert not (ar(x, t) == NEG).any()
+
+
+def test_model_config_of_records_is_checked(tmp_path):
+    tok = RecordTokenizer(list("ab"), length=8)
+    cfg = load_config("tiny", ["data.length=8"])
+
+    def read(**change):
+        meta = model_metadata(cfg, tok.vocab_size, tok.name, tok.args())
+        meta["tokenizer_args"].update(change)
+        (tmp_path / "config.json").write_text(json.dumps(meta))
+        return read_model_config(tmp_path)[1]
+
+    assert read().args() == {"symbols": ["a", "b"], "sep": "", "length": 8}
+    with pytest.raises(UserError, match=r"config.json, tokenizer_args.symbols must be a list, got 'ab'"):
+        read(symbols="ab")
+    with pytest.raises(UserError, match=r"config.json, a record vocabulary must list distinct, non-empty symbols"):
+        read(symbols=["a", "a"])
+    with pytest.raises(UserError, match=r"config.data.length is 8, but tokenizer_args make sequences of 9"):
+        read(length=9)
+
+
+def test_prepared_records_files_are_checked(tmp_path, capsys):
+    src = tmp_path / "a.txt"
+    src.write_text("ab\nba\naab\n" * 20)
+    out = tmp_path / "prep"
+    assert main(["data", "prepare", str(src), "--records", "--out", str(out)]) == 0
+    assert "--hf prepares text corpora, not --records" in user_error(
+        capsys, ["data", "prepare", src, "--records", "--hf", "x", "--out", tmp_path / "o"])
+    np.save(out / "valid_ids.npy", np.array([2, 3, 9], dtype=np.uint8))  # 9: outside a, b
+    with pytest.raises(UserError, match="valid split of .* is damaged"):
+        load_corpus(str(out), min_length=8)
+    meta = read_json(out / "meta.json")
+    (out / "meta.json").write_text(json.dumps({**meta, "symbols": "ab"}))
+    with pytest.raises(UserError, match=r"meta.json, symbols must be a list"):
+        load_corpus(str(out), min_length=8)

@@ -18,13 +18,14 @@ from test_sampling import (
     tabulated,
 )
 
-from md4 import MD4
+from md4 import MD4, GenMD4
 from md4.conditional import initial_state, text_condition
 from md4.data import CharTokenizer
 from md4.errors import UserError
 from md4.nn import Transformer
 from md4.reveal import survival
 from md4.sampling import sample, time_grid
+from md4.sedd import SEDD
 from md4.toy import ToyDistribution
 from md4.truncation import Truncation, top_p_logits
 
@@ -186,6 +187,67 @@ def test_every_sampler_applies_truncation(sampler):
     assert counts[0] == counts[2] == 0
     if sampler != "confidence":  # confidence prefers the likelier token: not the model's law
         assert chi2_pvalue(counts[[1, 3]], probs[[1, 3]] / 0.85) > ALPHA
+
+
+def stay_probability(model, out: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    """P(a position masked at t is still masked at s) for fixed network outputs out [N, V], by hand
+    from each method's reverse step, untruncated: [N] float64."""
+    out = out.double()
+    if isinstance(model, SEDD):  # score s_y = e^{out_y - log V} / (e^{sigma_bar(t)} - 1)
+        sb_t, sb_s = (model.schedule.sigma_bar(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
+        unmask = torch.expm1(sb_t - sb_s) * (out - math.log(out.shape[-1])).exp().sum(-1) / torch.expm1(sb_t)
+        stay = torch.expm1(-sb_s) / torch.expm1(-sb_t)
+        return stay / (unmask + stay)
+    a_t, a_s = (model.schedule.alpha(torch.tensor(v, dtype=torch.float64)).detach() for v in (t, s))
+    if isinstance(model, GenMD4):  # sum_j mu_j (1 - alpha_{s,j}) / (1 - alpha_{t,j})
+        return (torch.softmax(out, -1) * (1 - a_s) / (1 - a_t)).sum(-1)
+    return ((1 - a_s) / (1 - a_t)).expand(len(out))
+
+
+METHODS = {"md4": lambda V: MD4(V, "linear"), "genmd4": lambda V: GenMD4(V, w=torch.linspace(0.3, 3.0, V)),
+           "sedd": SEDD}
+
+
+@pytest.mark.parametrize("truncation", [{"top_k": 3}, {"top_p": 0.5}, {"temperature": 0.5}, {"temperature": 0}])
+@pytest.mark.parametrize("method, sampler", [("md4", "ancestral"), ("md4", "mean"), ("md4", "cached"),
+                                             ("genmd4", "ancestral"), ("sedd", "ancestral"), ("sedd", "cached")])
+def test_truncation_changes_which_token_is_revealed_never_when(method, sampler, truncation):
+    """Issue 13, item 8: temperature, top-k and top-p act on the distribution of the token a position
+    becomes, not on the probability that it unmasks. With network outputs that ignore x and t, each
+    position's chance of being still masked after k steps is the product of the untruncated model's
+    stay probabilities (by hand above); the fraction of masked positions after every step matches it
+    (z-test), truncated or not. (SEDD's unnormalised scores and GenMD4's token-dependent schedule made
+    truncation change it: top-k 3 left 16% of positions masked at the last step instead of 0.6%.)"""
+    V, N, B, steps = 8, 6, 3000, 8
+    model = METHODS[method](V)
+    out = torch.randn(N, V, generator=seeded(11)) * 1.5 - 1  # e^{out - log V} does not sum to 1: SEDD's scale matters
+
+    def den(xt, t):
+        return out.expand(len(xt), -1, -1)
+
+    masked = []
+    for kw in ({}, truncation):
+        fractions = []
+        sample(model, den, B, N, steps=steps, generator=seeded(12), sampler=sampler, time_independent=True,
+               callback=lambda x, t: fractions.append((x == V).double().mean().item()), **kw)
+        masked.append(fractions[1:-1])  # after each step (the first call is the start, the last after filling)
+    grid = time_grid(steps, "cosine")
+    alive = torch.ones(N, dtype=torch.float64)
+    for k, i in enumerate(range(steps, 0, -1)):
+        alive = alive * stay_probability(model, out, grid[i].item(), grid[i - 1].item())
+        sd = math.sqrt(B * (alive * (1 - alive)).sum().item()) / (B * N)
+        for fractions in masked:
+            assert abs(fractions[k] - alive.mean().item()) < 4.5 * sd + 1e-12, (k, fractions[k], alive.mean().item())
+    assert 0.1 < masked[0][steps // 2] < 0.9  # the test has power: half way, many positions are masked
+
+
+def test_mean_sampler_with_truncation_is_refused_for_a_token_dependent_schedule():
+    """For GenMD4 the mean sampler's reveal probability depends on the drawn x_0, so truncating it would
+    change when tokens are revealed; the ancestral sampler keeps the timing (test above)."""
+    model, den = GenMD4(4, w=[0.5, 1.0, 2.0, 3.0]), lambda xt, t: torch.zeros(*xt.shape, 4)
+    with pytest.raises(UserError, match="mean sampler.*ancestral"):
+        sample(model, den, 2, 3, steps=4, sampler="mean", top_k=2)
+    assert sample(model, den, 2, 3, steps=4, sampler="mean").shape == (2, 3)
 
 
 # ----------------------------------------------------------------------------- confidence

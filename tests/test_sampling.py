@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from md4 import MD4, schedules
-from md4.diffusion import categorical
+from md4.categorical import categorical
 from md4.errors import UserError
 from md4.sampling import cosine_grid, sample, time_grid, uniform_grid
 from md4.toy import ToyDistribution

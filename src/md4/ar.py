@@ -12,23 +12,25 @@ for MD4: an embedding of V + 1 symbols and a head of V logits. The likelihood is
 from __future__ import annotations
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from md4.diffusion import categorical
+from md4.categorical import categorical
+from md4.method import Method
 
 
-class AR(nn.Module):
-    """Next-token prediction with the shared backbone; `causal = True` asks build() for a causal
+class AR(Method):
+    """Next-token prediction with the shared backbone; `causal = True` asks md4.build for a causal
     network. Built as AR(vocab_size, schedule) like every method; the schedule is unused."""
 
+    description = "an autoregressive baseline (the same transformer, causal, next-token loss; exact likelihood)"
     causal = True
     exact_likelihood = True  # nelbo is the exact negative log-likelihood, not a bound
+    reverse_process = False  # draws left to right on its own: no time grid, no sampler options
+    predicts_mean = False
 
     def __init__(self, vocab_size: int, schedule=None):
-        super().__init__()
-        self.vocab_size = int(vocab_size)
-        self.bos_id = self.mask_id = self.vocab_size
+        super().__init__(vocab_size)
+        self.bos_id = self.mask_id
 
     def shift(self, x0: torch.Tensor) -> torch.Tensor:
         """[B, N] -> [B, N]: BOS then x0 without its last token."""
@@ -36,13 +38,16 @@ class AR(nn.Module):
         return torch.cat([bos, x0[:, :-1]], dim=1)
 
     def nelbo(self, net, x0: torch.Tensor, timesteps: int = 0, generator=None,
-              t: torch.Tensor | None = None) -> torch.Tensor:
+              t: torch.Tensor | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
         """-log p(x0) of each sequence: [B] nats (exact; t and timesteps are ignored).
+        known [B, N] bool, a prefix of each row: -log p(x0[~known] | x0[known]), the sum of the
+        other positions' terms (exact when the known positions come first).
 
         The network is called with t = 0 (a time-conditioned backbone sees a constant)."""
         zeros = torch.zeros(x0.shape[0], device=x0.device)
         logp = torch.log_softmax(net(self.shift(x0), zeros).float(), dim=-1)
-        return -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1).sum(-1)
+        nll = -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        return (nll if known is None else nll.masked_fill(known, 0.0)).sum(-1)
 
     def loss(self, net, x0: torch.Tensor, generator=None) -> torch.Tensor:
         """Training loss (scalar): mean negative log-likelihood, nats per sequence."""

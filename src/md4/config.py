@@ -3,7 +3,9 @@
     cfg = load_config("demo", overrides=["model.layers=4", "train.lr=1e-3"])
 
 Presets live in md4/presets/*.yaml; a path to a YAML file works too. Unknown keys and values
-of the wrong type are user errors (one sentence, exit status 2 from the CLI).
+of the wrong type are user errors (one sentence, exit status 2 from the CLI). A run folder's
+config.yaml is the run's config: a resume may change only the keys in RESUME_KEYS
+(`check_resume`).
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ def _check_positive(section, prefix: str, names: tuple[str, ...]) -> None:
 
 @dataclass
 class ModelConfig:
-    """The transformer backbone (md4.nn.Transformer)."""
+    """The network: `arch` names a backbone of md4.nn.BACKBONES, which reads the keys it uses:
+    the transformer (md4.nn.Transformer) dim ... pos2d, the U-Net (md4.nn.UNet, images) unet_*;
+    time_cond, num_classes and dropout serve both."""
 
+    arch: str = "transformer"
     dim: int = 256
     layers: int = 4
     heads: int = 4
@@ -54,11 +59,26 @@ class ModelConfig:
     dropout: float = 0.0
     num_classes: int = 0  # > 0: class-conditional (label embedding in the adaLN path); data must have labels
     pos2d: bool = False  # images: learned row/column/channel embeddings added to the tokens
+    # arch unet: width, width multiplier per resolution (each next one halves the image), residual
+    # blocks per resolution, feature-map heights with self-attention after each block, heads
+    unet_ch: int = 128
+    unet_mults: list[int] = field(default_factory=lambda: [1])
+    unet_res_blocks: int = 32
+    unet_attn_res: list[int] = field(default_factory=list)
+    unet_heads: int = 1
 
     def __post_init__(self):
-        _check_positive(self, "model", ("dim", "layers", "heads", "cond_dim"))
+        from md4.nn import BACKBONES
+
+        if self.arch not in BACKBONES:
+            raise UserError(f"Config key model.arch must be one of {', '.join(BACKBONES)}, got {self.arch!r}.")
+        _check_positive(self, "model", ("dim", "layers", "heads", "cond_dim",
+                                        "unet_ch", "unet_res_blocks", "unet_heads"))
+        if not self.unet_mults or min(self.unet_mults) < 1:
+            raise UserError(f"Config key model.unet_mults must list widths of at least 1, got {self.unet_mults}.")
         _check_range(self, "model", "mlp_ratio", 0, low_open=True)
         _check_range(self, "model", "dropout", 0, 1, high_open=True)
+        _check_range(self, "model", "num_classes", 0)
 
 
 @dataclass
@@ -100,6 +120,7 @@ class TrainConfig:
     schedule_lr_scale: float = 1.0
     schedule_weight_decay: float = 0.0  # GenMD4: decays log w, i.e. pulls w towards 1 (linear)
     label_dropout: float = 0.1  # class-conditional models: P(label -> null label), for classifier-free guidance
+    log: list[str] = field(default_factory=list)  # sinks besides metrics.jsonl (md4.logsinks); [] = tensorboard if installed
 
     def __post_init__(self):
         _check_positive(self, "train", ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "ckpt_every"))
@@ -120,9 +141,11 @@ class SampleConfig:
     num: int = 4
 
     def __post_init__(self):
+        from md4.sampling import GRIDS
+
         _check_positive(self, "sample", ("steps", "num"))
-        if self.grid not in ("cosine", "uniform"):
-            raise UserError(f"Config key sample.grid must be cosine or uniform, got {self.grid!r}.")
+        if self.grid not in GRIDS:
+            raise UserError(f"Config key sample.grid must be one of {', '.join(GRIDS)}, got {self.grid!r}.")
 
 
 @dataclass
@@ -150,6 +173,12 @@ def _coerce(value, typ, key: str):
                 value = float(value)
             except ValueError:
                 pass
+    if typing.get_origin(typ) is list:  # [a, b], "a,b" on the command line, or one item
+        item = typing.get_args(typ)[0]
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+        items = [v.strip() if isinstance(v, str) else v for v in items]
+        if item is not str or all(isinstance(v, str) for v in items):  # no numbers in a list of names
+            return [_coerce(v, item, key) for v in items if v != ""]
     if typ is bool and isinstance(value, bool):
         return value
     if typ is int and isinstance(value, int) and not isinstance(value, bool):
@@ -235,3 +264,43 @@ def _method_alias(data: dict, override: bool = False) -> None:
     if not override and "method" in data and str(data["method"]) != str(alias):
         raise UserError(f"Config keys method ({data['method']}) and diffusion ({alias}) disagree; set one of them.")
     data["method"] = alias
+
+
+# Keys that may differ between a run's config.yaml and the config it is resumed with, and why:
+RESUME_KEYS = (
+    # how long the run lasts (raise them to extend a run; the cosine decay is stretched from the
+    # resumed step on, so the extended run is not one that was planned that long from the start)
+    "train.steps", "train.max_minutes",
+    # what is logged, evaluated and kept: the training step reads none of them (evaluation uses its
+    # own seeded generator and the EMA weights), so the weights stay bit-identical on CPU
+    "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.keep", "train.log",
+    # how the same arithmetic runs: the data order, random draws and update rule are the same,
+    # float rounding may differ (moving to another kind of device reseeds the diffusion noise)
+    "train.threads", "train.device", "train.bf16", "train.compile",
+    # sampling defaults stored with the model; training never reads them
+    "sample.steps", "sample.grid", "sample.num",
+)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resume(saved: Config, asked: Config, source: str) -> None:
+    """UserError naming the keys outside RESUME_KEYS where `asked` differs from the run's `saved`
+    config (read from `source`, the run's config.yaml)."""
+    old, new = flatten(saved.to_dict()), flatten(asked.to_dict())
+    differ = [k for k in new if new[k] != old.get(k) and k not in RESUME_KEYS]
+    if differ:
+        values = ", ".join(f"{k} ({new[k]!r}, saved {old.get(k)!r})" for k in differ)
+        sections: dict[str, list[str]] = {}
+        for key in RESUME_KEYS:
+            section, name = key.split(".")
+            sections.setdefault(section, []).append(name)
+        allowed = " and ".join(f"{s}.{{{', '.join(names)}}}" for s, names in sections.items())
+        raise UserError(f"These options differ from the run's {source}: {values}; a resume may change only "
+                        f"{allowed}, so drop them (the saved config is used) or train in another folder.")

@@ -12,9 +12,11 @@ import math
 from typing import Callable
 
 import torch
-from torch import nn
 
 from md4 import schedules
+from md4.categorical import categorical
+from md4.method import Method
+from md4.truncation import NO_TRUNCATION, Truncation
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,17 +34,17 @@ def masked_cross_entropy(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tenso
     return torch.where(xt == mask_id, nll, torch.zeros_like(nll)).sum(-1)
 
 
-class MD4(nn.Module):
+class MD4(Method):
     """The MD4 forward process, negative ELBO and ancestral reverse step.
 
-    An nn.Module only so that subclasses with learnable schedules (GenMD4) save and move like
-    any other module; MD4 itself has no parameters.
+    An nn.Module (md4.method.Method) so that subclasses with learnable schedules (GenMD4) save
+    and move like any other module; MD4 itself has no parameters.
     """
 
+    description = "MD4: masked (absorbing) diffusion with one masking schedule for all tokens (Shi et al. 2024)"
+
     def __init__(self, vocab_size: int, schedule: schedules.Schedule | str = "linear"):
-        super().__init__()
-        self.vocab_size = int(vocab_size)
-        self.mask_id = self.vocab_size
+        super().__init__(vocab_size)
         self.schedule = schedules.get(schedule) if isinstance(schedule, str) else schedule
 
     # ----------------------------------------------------------------- forward process
@@ -65,45 +67,73 @@ class MD4(nn.Module):
         timesteps: int = 0,
         generator=None,
         t: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One-sample unbiased estimate of the negative ELBO of each sequence: [B] nats.
 
-        timesteps=0: continuous time,  L = -w(t) * sum_{n masked} -log mu^n_{x_0^n}, t ~ U(0,1).
-        timesteps=T: discrete time with t = i/T, s = (i-1)/T, i uniform in 1..T,
-                     L = T * (alpha_s - alpha_t) / (1 - alpha_t) * sum_{n masked} -log mu^n_{x_0^n}.
-        Times are antithetic across the batch unless `t` [B] is given (in [0,1); for discrete
-        time it is rounded up to the grid). The reconstruction term N (1 - alpha_0) log V is added.
-        """
-        B, N = x0.shape
-        if t is None:
-            t = antithetic_times(B, generator, x0.device)
+        The skeleton every masked method shares: uniform draws t [B] in [0, 1) (antithetic across
+        the batch unless given) -> times `bound_times` -> x_t ~ q(x_t | x_0) -> one denoiser call ->
+        `time_weight` x `masked_terms` (the integrand) + `constant_terms`. Each method overrides
+        the hooks it changes (GenMD4: a time cut-off and its reconstruction term; SEDD: score entropy).
+        known [B, N] bool: the conditional bound on -log p(x_0[~known] | x_0[known]): known positions
+        are never masked, and the sums (and N) run over the other positions only."""
+        t = self.bound_times(antithetic_times(len(x0), generator, x0.device) if t is None else t, timesteps)
+        xt = given(self.forward_sample(x0, t, generator), x0, known)
+        return (self.time_weight(timesteps) * self.masked_terms(denoiser(xt, t), x0, xt, t, timesteps)
+                + self.constant_terms(x0, known, timesteps))
+
+    def bound_times(self, t: torch.Tensor, timesteps: int = 0) -> torch.Tensor:
+        """The times [B] at which the bound is evaluated: t itself in continuous time; for
+        timesteps = T, t rounded up to the grid, i/T with i uniform in 1..T."""
+        return (torch.floor(t * timesteps) + 1) / timesteps if timesteps else t
+
+    def masked_terms(self, logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                     timesteps: int = 0) -> torch.Tensor:
+        """The NELBO of each sequence given x_t, without the constant terms: [B] nats.
+
+        timesteps=0: continuous time,  -w(t) * sum_{n masked} -log mu^n_{x_0^n}.
+        timesteps=T: discrete time with s = t - 1/T,
+                     T * (alpha_s - alpha_t) / (1 - alpha_t) * sum_{n masked} -log mu^n_{x_0^n}."""
         if timesteps:
-            t = (torch.floor(t * timesteps) + 1) / timesteps
             a_t, a_s = self.schedule.alpha(t), self.schedule.alpha(t - 1 / timesteps)
             weight = timesteps * (a_s - a_t) / (1 - a_t)
         else:
             weight = -self.schedule.weight(t)
-        xt = self.forward_sample(x0, t, generator)
-        ce = masked_cross_entropy(denoiser(xt, t), x0, xt, self.mask_id)
-        return weight * ce + self.reconstruction(N)
+        return weight * masked_cross_entropy(logits, x0, xt, self.mask_id)
+
+    def time_weight(self, timesteps: int = 0) -> float:
+        """d(time)/d(draw) of `bound_times`: the factor of the integrand in the one-sample estimate."""
+        return 1.0
+
+    def constant_terms(self, x0: torch.Tensor, known: torch.Tensor | None = None,
+                       timesteps: int = 0) -> float | torch.Tensor:
+        """The terms of the bound that no network changes, in nats (a float, or [B]): here the
+        reconstruction term of the positions not `known`."""
+        return self.reconstruction(free_positions(x0.shape[1], known))
 
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator=None) -> torch.Tensor:
         """Training loss (scalar): the batch mean of the continuous-time NELBO, nats per sequence."""
         return self.nelbo(denoiser, x0, generator=generator).mean()
 
     # ----------------------------------------------------------------- reverse process
-    def reverse_step(
-        self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None
-    ) -> torch.Tensor:
-        """Draw x_s ~ p(x_s | x_t) for s < t. Masked positions unmask with probability
-        (alpha_s - alpha_t) / (1 - alpha_t) and then take token j with probability mu_j;
-        unmasked positions stay. Probabilities are computed and drawn in float64."""
+    def reveal(self, logits: torch.Tensor, t: float, s: float, truncate: Truncation = NO_TRUNCATION):
+        """The reverse step from t to s < t at a masked position, in two parts: (P(unmask) [...]
+        float64, broadcastable to the positions of logits [..., V]; the logits [..., V] of the token
+        it becomes, given that it unmasks). For MD4, P(unmask) = (alpha_s - alpha_t) / (1 - alpha_t)
+        and the token follows mu. Truncation (temperature, top-k, top-p) applies to the token only:
+        it changes which token is revealed, never when (issue 13, item 8)."""
         a_t, a_s = (self.schedule.alpha(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
-        p_unmask = (a_s - a_t) / (1 - a_t)
+        return ((a_s - a_t) / (1 - a_t)).to(logits.device), truncate(logits)
+
+    def reverse_step(self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None,
+                     truncate: Truncation = NO_TRUNCATION) -> torch.Tensor:
+        """Draw x_s ~ p(x_s | x_t) for s < t (logits: the denoiser's, untruncated). Each masked
+        position unmasks with `reveal`'s probability and then takes a token from its token logits;
+        unmasked positions stay. Probabilities are computed and drawn in float64."""
+        p_unmask, token_logits = self.reveal(logits, t, s, truncate)
         u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
-        reveal = (xt == self.mask_id) & (u < p_unmask.to(xt.device))
-        tokens = categorical(logits, generator)
-        return torch.where(reveal, tokens, xt)
+        unmask = (xt == self.mask_id) & (u < p_unmask)
+        return torch.where(unmask, categorical(token_logits, generator), xt)
 
     def posterior_sample(
         self, xt: torch.Tensor, x0: torch.Tensor, t: float, s: float, generator=None
@@ -127,13 +157,12 @@ class MD4(nn.Module):
                                generator=generator, device=device, **kwargs)
 
 
-def categorical(logits: torch.Tensor, generator=None) -> torch.Tensor:
-    """One draw per position from softmax(logits) by inverse CDF in float64: [..., V] -> [...].
+def given(xt: torch.Tensor, x0: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """x_t with the `known` positions ([B, N] bool, or None) unmasked: x_0 there, for conditional bounds."""
+    return xt if known is None else torch.where(known, x0, xt)
 
-    float64 matters: float32 Gumbel/categorical draws truncate small probabilities and bias
-    generative perplexity (shared/MATH.md, "Sampling")."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=torch.float64)
-    idx = torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1)
-    return idx.clamp_(max=logits.shape[-1] - 1)
+
+def free_positions(length: int, known: torch.Tensor | None) -> int | torch.Tensor:
+    """The number of positions a bound covers: N, or [B] the positions not `known` ([B, N] bool)."""
+    return length if known is None else (~known).sum(-1)
+

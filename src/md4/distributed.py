@@ -4,7 +4,8 @@
     torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --nproc-per-node 8 -m md4 train ...
 
 Without torchrun's environment (WORLD_SIZE unset or 1) `setup` returns a single-process
-`Parallel` and md4.train runs exactly as before.
+`Parallel`; md4.train takes the same step (`Parallel.forward_backward`) either way, and a single
+process with the whole batch in one chunk draws times and masks from the run's own generator.
 
 The global batch (train.batch_size rows) is the unit of randomness, so W ranks compute what one
 process would:
@@ -21,9 +22,9 @@ process would:
 Checkpoints keep the single-process format (safetensors weights, tensors-only optim.pt):
 DDP replicas are identical and rank 0 writes; FSDP gathers full state dicts to rank 0 through
 torch.distributed.checkpoint.state_dict (on CPU), and every rank loads full state dicts from the
-run folder (which must be on a filesystem all nodes see). FSDP shards each transformer block and
-the rest of the network (`fully_shard`); the EMA copy is sharded the same way and averaged shard
-by shard. A method's own parameters (a learnable schedule: small) stay replicated, their
+run folder (which must be on a filesystem all nodes see). FSDP shards each of the network's
+`shard_units()` (the transformer's blocks) and the rest of the network (`fully_shard`); the EMA
+copy is sharded the same way and averaged shard by shard. A method's own parameters (a learnable schedule: small) stay replicated, their
 gradients averaged by hand.
 """
 
@@ -59,7 +60,7 @@ class LossModule(nn.Module):
     def forward(self, x0: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
         from md4.guidance import with_labels
 
-        return self.bundle.diffusion.loss(with_labels(self.bundle.net, labels), x0, generator=generator)
+        return self.bundle.method.loss(with_labels(self.bundle.net, labels), x0, generator=generator)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -110,16 +111,20 @@ class Parallel:
             from torch.distributed.fsdp import fully_shard
 
             for bundle in (model, ema):
-                for block in bundle.net.blocks:
-                    fully_shard(block)
-                fully_shard(bundle.net)  # embedding, head, norms: the root group
+                for unit in bundle.net.shard_units():
+                    fully_shard(unit)
+                fully_shard(bundle.net)  # the rest (embedding, head, norms): the root group
         return loss_module
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on some rank (a collective)."""
-        t = torch.tensor(float(flag), device=self.device)
+        return self.maximum(float(flag)) > 0
+
+    def maximum(self, value: float) -> float:
+        """The largest of the ranks' values, on every rank (a collective, in float64)."""
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return t.item()
 
     def barrier(self) -> None:
         if self.active:
@@ -132,25 +137,31 @@ class Parallel:
     # ------------------------------------------------------------------ the step
     def forward_backward(self, loss_module, model, corpus, batch_size: int, micro: int, length: int, data_gen,
                          seed: int, step: int, device, bf16: bool, num_classes: int = 0,
-                         label_dropout: float = 0.0) -> torch.Tensor:
-        """Loss (nats per token, the global batch mean, on `device`) and gradients of one step.
-        num_classes > 0: a class-conditional model, trained with label dropout."""
+                         label_dropout: float = 0.0, noise: torch.Generator | None = None) -> torch.Tensor:
+        """The training step, for one process or many: loss (nats per token, the global batch mean,
+        on `device`) and gradients. num_classes > 0: a class-conditional model, trained with label
+        dropout. `noise`: the run's generator of diffusion times and masks, used when one process
+        takes the whole batch at once; otherwise each chunk draws from its own seed (module docstring)."""
         from md4.data.batches import draw_batch
 
         rows = self.rows(batch_size)
         x0, y = draw_batch(corpus, batch_size, length, data_gen, rows, labels=num_classes > 0,
                            label_dropout=label_dropout, null_label=num_classes)
-        if device.type == "cuda":
+        if device.type == "cuda":  # a copy from pageable memory would wait for the GPU: a host sync
             x0 = x0.pin_memory()
         x0 = x0.to(device, non_blocking=True)
         chunks = x0.split(micro)
         labels = y.to(device).split(micro) if y is not None else [None] * len(chunks)
         first = rows.start // micro
         total = torch.zeros((), device=device)
+        one_chunk = noise is not None and not self.active and len(chunks) == 1
         for k, (xk, yk) in enumerate(zip(chunks, labels)):
-            s = chunk_seed(seed, step, first + k)
-            g = torch.Generator(device).manual_seed(s)
-            torch.manual_seed(s + 1)  # dropout and anything else on the default generators
+            if one_chunk:
+                g = noise
+            else:
+                s = chunk_seed(seed, step, first + k)
+                g = torch.Generator(device).manual_seed(s)
+                torch.manual_seed(s + 1)  # dropout and anything else on the default generators
             with self.no_sync(loss_module, model, last=k == len(chunks) - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = loss_module(xk, g, yk) / length * (len(xk) / (rows.stop - rows.start))
@@ -181,7 +192,7 @@ class Parallel:
         """FSDP leaves the method's own (unsharded) parameters to us: average their gradients."""
         if self.mode != "fsdp":
             return
-        for p in model.diffusion.parameters():
+        for p in model.method.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
@@ -248,7 +259,7 @@ class Parallel:
 def setup(parallel: str, device_name: str) -> Parallel:
     """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): join the process group
     (NCCL on GPUs, gloo on CPUs) and pick this rank's device. One process: mode "none"."""
-    from md4.pretrained import resolve_device
+    from md4.build import resolve_device
 
     if parallel not in MODES:
         raise UserError(f"train.parallel must be one of {', '.join(MODES)}, got {parallel!r}.")

@@ -36,15 +36,26 @@ def with_labels(net, labels: torch.Tensor | None):
     return Labeled(net, labels)
 
 
-class Labeled:
+class Wrapper:
+    """What a denoiser wrapping the network `net` passes through: its parameters (so samplers find
+    the device) and whether it uses t (md4.nn backbones declare `uses_time`)."""
+
+    net: object
+
+    def parameters(self):
+        params = getattr(self.net, "parameters", None)
+        return params() if callable(params) else iter(())
+
+    @property
+    def uses_time(self) -> bool:
+        return getattr(self.net, "uses_time", True)
+
+
+class Labeled(Wrapper):
     """The network with one class label per row of the batch: [B] long `labels`."""
 
     def __init__(self, net, labels: torch.Tensor):
         self.net, self.labels = net, labels
-
-    def parameters(self):  # so samplers find the device
-        params = getattr(self.net, "parameters", None)
-        return params() if callable(params) else iter(())
 
     def select_rows(self, rows: torch.Tensor) -> "Labeled":
         """The same denoiser for the sub-batch `rows` (samplers call it on rows that changed)."""
@@ -63,7 +74,7 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> to
     return (1 + weight) * lc - weight * lu
 
 
-class Guided:
+class Guided(Wrapper):
     """A denoiser with classifier-free guidance: net [B, N] x [B] -> [B, N, V] logits for
     `labels` [B] long with guidance weight w (w = 0: the conditional model, one network call;
     w != 0: the conditional and unconditional passes run as one batch of 2B)."""
@@ -73,10 +84,6 @@ class Guided:
         self.null_label = getattr(net, "num_classes", None) if null_label is None else null_label
         if self.weight and self.null_label is None:
             raise ValueError("guidance needs the null label id (the network's num_classes)")
-
-    def parameters(self):  # so samplers find the device
-        params = getattr(self.net, "parameters", None)
-        return params() if callable(params) else iter(())
 
     def select_rows(self, rows: torch.Tensor) -> "Guided":
         """The same denoiser for the sub-batch `rows` (samplers call it on rows that changed)."""

@@ -22,11 +22,10 @@ def token_label(tokenizer, token: int) -> str:
 
 def exponents(model) -> torch.Tensor:
     """The learned exponents w [V] of a loaded model (md4.load), or a UserError if it has none."""
-    w = getattr(getattr(model.diffusion, "schedule", None), "w", None)
-    if not isinstance(w, torch.Tensor):
+    if model.method.shared_schedule:
         raise UserError(f"{model.source} is a {model.config.method} model with one schedule for all tokens; "
                         f"`md4 inspect` shows the exponents learned by a genmd4 model.")
-    return w.detach().float().cpu()
+    return model.method.schedule.w.detach().float().cpu()
 
 
 def unmasking_order(model) -> list[tuple[str, float]]:

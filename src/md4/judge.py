@@ -5,7 +5,8 @@
 
 gen_ppl = exp(sum of the judge's NLL over all samples' tokens / number of tokens): each text is
 tokenized by the judge, the judge's BOS token (else EOS) is put in front, and every text token is
-scored. Per-token perplexity depends on how the judge splits the text (gibberish falls apart into
+scored, a text longer than the judge's context (1024 tokens for GPT-2) in windows that overlap by
+one token (`windows`), so the NLL per character counts every character scored. Per-token perplexity depends on how the judge splits the text (gibberish falls apart into
 many short, individually likely tokens), so the same NLL per character of text is reported too
 (judge_bits_per_char), which does not. Judges are not comparable with each other (GPT-2 large is the papers' judge), so every
 number carries the judge's name. Low perplexity with low unigram entropy means repetitive text:
@@ -96,27 +97,44 @@ class Judge:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def context(self) -> int:
+        """The longest window the judge scores: its position table (1024 for GPT-2)."""
+        return getattr(self.model.config, "max_position_embeddings", None) or 1024
+
     @torch.no_grad()
     def nll(self, texts: list[str], batch_size: int = 16, progress: bool = False) -> list[tuple[float, int]]:
-        """(sum of -log p in nats, number of scored tokens) for each text."""
-        limit = getattr(self.model.config, "max_position_embeddings", None) or 1024
-        out = []
-        for i in tqdm(range(0, len(texts), batch_size), desc="judging", disable=not progress, leave=False):
-            ids = [[self.prefix] + self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i:i + batch_size]]
-            ids = [x[:limit] for x in ids]
-            width = max(len(x) for x in ids)
-            x = torch.zeros(len(ids), width, dtype=torch.long)
-            attn = torch.zeros(len(ids), width, dtype=torch.long)
-            for b, row in enumerate(ids):
-                x[b, : len(row)] = torch.tensor(row)
-                attn[b, : len(row)] = 1
+        """(sum of -log p in nats, number of scored tokens) for each text: every token of the text,
+        after the judge's BOS, scored once, in windows of at most `context` tokens (`windows`)."""
+        work = [(i, w) for i, t in enumerate(texts)
+                for w in windows([self.prefix] + self.tokenizer(t, add_special_tokens=False)["input_ids"],
+                                 self.context)]
+        sums, counts = [0.0] * len(texts), [0] * len(texts)
+        for k in tqdm(range(0, len(work), batch_size), desc="judging", disable=not progress, leave=False):
+            rows = work[k:k + batch_size]
+            width = max(len(w) for _, w in rows)
+            x = torch.zeros(len(rows), width, dtype=torch.long)
+            attn = torch.zeros(len(rows), width, dtype=torch.long)
+            for b, (_, w) in enumerate(rows):
+                x[b, : len(w)] = torch.tensor(w)
+                attn[b, : len(w)] = 1
             x, attn = x.to(self.device), attn.to(self.device)
             logits = self.model(input_ids=x, attention_mask=attn).logits.float()
             logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None]).squeeze(-1)
             scored = attn[:, 1:].bool()
-            for b in range(len(ids)):
-                out.append((-logp[b][scored[b]].double().sum().item(), int(scored[b].sum())))
-        return out
+            for b, (i, _) in enumerate(rows):
+                sums[i] += -logp[b][scored[b]].double().sum().item()
+                counts[i] += int(scored[b].sum())
+        return list(zip(sums, counts))
+
+
+def windows(ids: list[int], size: int) -> list[list[int]]:
+    """ids (BOS first) in windows of at most `size` that overlap by one token: window k is
+    ids[k (size - 1) : k (size - 1) + size], and scores its tokens after the first, so every token
+    after the BOS is scored once, with the window's earlier tokens as context."""
+    if size < 2:
+        raise ValueError(f"a judge window needs at least 2 positions, got {size}")
+    return [ids[a:a + size] for a in range(0, max(len(ids) - 1, 1), size - 1)]
 
 
 def generative_perplexity(judge: Judge, texts: list[str], ids: list | None = None, batch_size: int = 16,

@@ -27,7 +27,16 @@ PAD = 2
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> Path:
-    """Write an 8-bit RGB image [H, W, 3] as PNG (filter 0 on every row, zlib level 9)."""
+    """Write an 8-bit RGB image [H, W, 3] as PNG (png_bytes)."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise UserError(f"Cannot write {path}: the folder {path.parent} does not exist.")
+    path.write_bytes(png_bytes(rgb))
+    return path
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An 8-bit RGB image [H, W, 3] as PNG file bytes (filter 0 on every row, zlib level 9)."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected [H, W, 3], got {rgb.shape}")
@@ -37,13 +46,8 @@ def write_png(path: str | Path, rgb: np.ndarray) -> Path:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise UserError(f"Cannot write {path}: the folder {path.parent} does not exist.")
-    path.write_bytes(png)
-    return path
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
 
 
 def render(ids: torch.Tensor | np.ndarray, tokenizer, scale: int = 1) -> np.ndarray:
@@ -83,7 +87,7 @@ def sample_grid(model, num: int, path: str | Path, steps: int | None = None, gri
         labels = torch.full((num,), int(labels), dtype=torch.long)
     recorder = Recorder(index=None) if trace else None
     g = torch.Generator(model.device).manual_seed(seed)
-    x = model.diffusion.sample(model.denoiser(labels, guidance_weight), num, model.length,
+    x = model.method.sample(model.denoiser(labels, guidance_weight), num, model.length,
                                steps=steps or model.config.sample.steps, grid=grid or model.config.sample.grid,
                                generator=g, device=model.device, progress=progress, callback=recorder)
     scale = default_scale(tok)
@@ -132,7 +136,7 @@ def inpaint(model, images: torch.Tensor, path: str | Path, region: str = "center
     images = images.long().to(model.device)
     keep = region_mask(tok, region).to(model.device).expand_as(images)
     g = torch.Generator(model.device).manual_seed(seed)
-    filled = guidance.infill(model.diffusion, model.denoiser(labels, guidance_weight), images, keep,
+    filled = guidance.infill(model.method, model.denoiser(labels, guidance_weight), images, keep,
                              steps=steps or model.config.sample.steps, grid=grid or model.config.sample.grid,
                              generator=g, progress=progress)
     masked = torch.where(keep, images, torch.full_like(images, tok.mask_id))

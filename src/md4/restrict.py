@@ -10,7 +10,8 @@ stays a distribution at every position and the NELBO stays a bound (a lower one)
 Tables (md4.data.tables): position n takes only the values of column n. Records
 (md4.data.records): the structure  symbols* EOS PAD*  given what is unmasked (a symbol or EOS
 after n makes n a symbol; EOS or PAD before n makes n PAD; one EOS at most).
-The hook is the same whatever the method; records restrict only non-causal networks (an AR
+The hook is the same whatever the method (md4.build adds it when the tokenizer is given, for
+training and loading alike); records restrict only non-causal networks (an AR
 network sees its input shifted by one, and learns the structure exactly anyway).
 """
 
@@ -28,11 +29,13 @@ def restrict_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor
     return logits.masked_fill(~allowed, NEG)
 
 
-def restrict_network(net: torch.nn.Module, tokenizer):
+def restrict_network(net: torch.nn.Module, tokenizer, causal: bool = False):
     """Hook the tokenizer's `allowed` rule onto `net` (nothing when the tokenizer has none, or
-    declares `structural` rules and the network is causal). Returns the hook handle or None."""
+    declares `structural` rules and the method's network is `causal`: md4.method.Method.causal).
+    The hook is the module's own (torch's forward hooks): the network's weights, its state dict
+    and its backbone protocol (md4.nn.backbone) are untouched. Returns the hook handle or None."""
     rule = getattr(tokenizer, "allowed", None)
-    if rule is None or (getattr(tokenizer, "structural", False) and getattr(net, "causal", False)):
+    if rule is None or (getattr(tokenizer, "structural", False) and causal):
         return None
 
     def hook(module, args, output):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from md4.diffusion import categorical
+from md4.categorical import categorical
 from md4.errors import UserError
 from md4.truncation import NO_TRUNCATION, Truncation
 
@@ -45,8 +45,7 @@ def reveal_steps(model, x: torch.Tensor, grid: torch.Tensor, generator=None) -> 
 
 @torch.no_grad()
 def jump(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-         truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
-         time_independent: bool = False) -> torch.Tensor:
+         truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False) -> torch.Tensor:
     """The ancestral chain visited only at the steps where something is revealed: x [B, N] -> [B, N].
 
     Draws every position's reveal step first (`reveal_steps`), then for each sample walks its
@@ -79,8 +78,7 @@ def jump(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *
 
 @torch.no_grad()
 def confidence(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-               truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
-               time_independent: bool = False) -> torch.Tensor:
+               truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False) -> torch.Tensor:
     """Confidence-based unmasking (MaskGIT, LLaDA): x [B, N] -> [B, N].
 
     The number of masked positions follows the schedule's expectation: after the step to t(j-1)

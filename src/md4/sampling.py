@@ -14,17 +14,21 @@ of the prediction (shared/MATH.md, "Sampling"). Samplers, by name (`sample(..., 
   of the most confident positions.
 
 Every sampler takes the same truncation of the prediction (md4.truncation: temperature, top-k,
-top-p) and reports each step to an optional `callback(x, t)` (md4.trace records it).
+top-p), which changes which token a position takes, never when it is revealed (the model's
+`reveal` keeps the untruncated probability of unmasking), and reports each step to an optional
+`callback(x, t)` (md4.trace records it).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from md4.diffusion import categorical
+from md4.categorical import categorical
 from md4.errors import UserError
 from md4.reveal import confidence, jump, select_rows
 from md4.truncation import NO_TRUNCATION, Truncation
@@ -67,36 +71,41 @@ def _default_device(denoiser, device):
 
 
 def ignores_time(denoiser) -> bool:
-    """Whether the denoiser is known to ignore t: an md4.nn.Transformer built with time_cond=False,
-    or a wrapper of one that adds class labels or guidance (md4.guidance: its `net`)."""
-    return getattr(getattr(denoiser, "net", denoiser), "time_cond", None) is False
+    """Whether the denoiser declares that it ignores t: `uses_time = False` on an md4.nn backbone
+    built without time conditioning, or on an md4.guidance wrapper of one. Any other callable is
+    taken to use t."""
+    return getattr(denoiser, "uses_time", True) is False
 
 
-def mean_step(model, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None) -> torch.Tensor:
-    """The two-stage reverse step: x_0 ~ mu_theta(x_t) at every position, then
+def mean_step(model, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None,
+              truncate: Truncation = NO_TRUNCATION) -> torch.Tensor:
+    """The two-stage reverse step: x_0 ~ mu_theta(x_t) (truncated) at every position, then
     x_s ~ q(x_s | x_t, x_0) (`model.posterior_sample`). Same law as `model.reverse_step`."""
-    x0 = categorical(logits, generator)
+    x0 = categorical(truncate(logits), generator)
     return model.posterior_sample(xt, x0, t, s, generator)
 
 
 def _walk(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator, truncate: Truncation,
           callback, progress: bool, cache: bool, step) -> torch.Tensor:
-    """Walk the grid from t = 1 to 0 with `step(x_t, logits, t, s, generator) -> x_s`.
+    """Walk the grid from t = 1 to 0 with `step(x_t, logits, t, s, generator, truncate) -> x_s`,
+    given the denoiser's untruncated logits.
 
     cache=False calls the denoiser on the whole batch at every step. cache=True (denoisers that
-    ignore t) keeps the truncated logits of each sample and recomputes them only for the samples
-    whose x changed in the last step; the random draws are the same either way."""
+    ignore t) keeps the logits of each sample and recomputes them only for the samples whose x
+    changed in the last step; the random draws are the same either way."""
     B = x.shape[0]
     logits = None
     stale = torch.ones(B, dtype=torch.bool, device=x.device)
     for i in tqdm(range(len(grid) - 1, 0, -1), desc="sampling", disable=not progress, leave=False):
         t, s = grid[i].item(), grid[i - 1].item()
         if not cache or stale.all():
-            logits = truncate(denoiser(x, torch.full((B,), t, device=x.device)))
+            logits = denoiser(x, torch.full((B,), t, device=x.device))
+            if cache:  # rows are replaced in place below: never write into the denoiser's own tensor
+                logits = logits.clone()
         elif stale.any():
             rows = stale.nonzero().squeeze(1)
-            logits[rows] = truncate(select_rows(denoiser, rows)(x[rows], torch.full((len(rows),), t, device=x.device)))
-        new = step(x, logits, t, s, generator)
+            logits[rows] = select_rows(denoiser, rows)(x[rows], torch.full((len(rows),), t, device=x.device))
+        new = step(x, logits, t, s, generator, truncate)
         stale = (new != x).any(-1)
         x = new
         if callback is not None:
@@ -106,8 +115,7 @@ def _walk(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator, trunc
 
 @torch.no_grad()
 def ancestral(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-              truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
-              time_independent: bool = False) -> torch.Tensor:
+              truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False) -> torch.Tensor:
     """The ancestral sampler (the paper's Algorithm 2): x [B, N] long (masks where to generate)
     -> [B, N]; one denoiser call and one `model.reverse_step` per grid step."""
     return _walk(model, denoiser, x, grid, generator, truncate, callback, progress, False, model.reverse_step)
@@ -115,38 +123,80 @@ def ancestral(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=No
 
 @torch.no_grad()
 def cached(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-           truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
-           time_independent: bool = False) -> torch.Tensor:
+           truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False) -> torch.Tensor:
     """`ancestral` with the prediction reused while a sample does not change: valid only when the
-    denoiser ignores t (time_independent). Calls per sample = steps in which it changed (plus
-    the first), at most min(T, N + 1)."""
-    if not time_independent:
-        raise UserError("The cached sampler needs a denoiser that ignores t (a model trained with "
-                        "model.time_cond=false); use ancestral or jump for this one.")
+    denoiser ignores t (its registry entry says so; `sample` checks it). Calls per sample = steps
+    in which it changed (plus the first), at most min(T, N + 1)."""
     return _walk(model, denoiser, x, grid, generator, truncate, callback, progress, True, model.reverse_step)
 
 
 @torch.no_grad()
 def mean(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *,
-         truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False,
-         time_independent: bool = False) -> torch.Tensor:
+         truncate: Truncation = NO_TRUNCATION, callback=None, progress: bool = False) -> torch.Tensor:
     """The two-stage sampler (the reference code's `mean` sampler; the paper, App. G, found it worse
     than the one-stage step with float32 draws, not a difference in law): each step draws a full x_0
     from mu_theta, then reveals it at each masked position with probability
-    (alpha_s - alpha_t) / (1 - alpha_t). x [B, N] -> [B, N]."""
-    def step(xt, logits, t, s, generator):
-        return mean_step(model, xt, logits, t, s, generator)
+    (alpha_s - alpha_t) / (1 - alpha_t). x [B, N] -> [B, N]. With a token-dependent schedule
+    (GenMD4) the reveal probability depends on the drawn x_0, so truncating mu would change when
+    tokens are revealed: that combination is refused (the ancestral sampler keeps it)."""
+    if not truncate.identity and not model.shared_schedule:
+        raise UserError(f"With temperature, top-k or top-p the mean sampler would change when the tokens of a "
+                        f"{type(model).__name__} model are revealed; use the ancestral sampler.")
+
+    def step(xt, logits, t, s, generator, truncate):
+        return mean_step(model, xt, logits, t, s, generator, truncate)
 
     return _walk(model, denoiser, x, grid, generator, truncate, callback, progress, False, step)
 
 
-SAMPLERS = {"ancestral": ancestral, "cached": cached, "mean": mean, "jump": jump, "confidence": confidence}
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler, `run(model, denoiser, x [B, N], grid [T+1], generator, *, truncate, callback,
+    progress) -> [B, N]`, and what it needs: `needs` names md4.method.Method capabilities that must
+    hold for the model, `time_independent` asks for a denoiser that ignores t."""
+
+    run: Callable
+    needs: tuple[str, ...] = ("reverse_process",)
+    time_independent: bool = False
 
 
-def get_sampler(name: str):
+SAMPLERS = {
+    "ancestral": Sampler(ancestral),
+    "cached": Sampler(cached, time_independent=True),
+    "mean": Sampler(mean, ("reverse_process", "predicts_mean")),
+    "jump": Sampler(jump, ("reverse_process", "predicts_mean", "shared_schedule")),
+    "confidence": Sampler(confidence, ("reverse_process", "predicts_mean", "shared_schedule")),
+}
+# what a method lacks, for the error that names it
+LACKS = {"reverse_process": "draws on its own, with no time grid",
+         "predicts_mean": "has its own reverse step, not a mean prediction to draw tokens from",
+         "shared_schedule": "has one masking schedule per token, not one for all tokens"}
+
+
+def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise UserError(f"Unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
     return SAMPLERS[name]
+
+
+def supported_samplers(model) -> list[str]:
+    """The names of the samplers whose needs the method `model` (an md4.method.Method) meets."""
+    return [name for name, s in SAMPLERS.items() if all(getattr(model, need) for need in s.needs)]
+
+
+def check_sampler(model, name: str, time_independent: bool = False) -> Sampler:
+    """The sampler `name` if the model (and a denoiser that ignores t, or not) meets its needs,
+    else a UserError saying what is missing and which samplers apply."""
+    sampler = get_sampler(name)
+    lacking = [need for need in sampler.needs if not getattr(model, need)]
+    if lacking:
+        fits = supported_samplers(model)
+        raise UserError(f"The {name} sampler does not apply: {type(model).__name__} {LACKS[lacking[0]]}"
+                        + (f"; use {' or '.join(fits)}." if fits else "."))
+    if sampler.time_independent and not time_independent:
+        raise UserError(f"The {name} sampler needs a denoiser that ignores t (a model trained with "
+                        "model.time_cond=false); use ancestral or jump for this one.")
+    return sampler
 
 
 @torch.no_grad()
@@ -176,31 +226,28 @@ def sample(model, denoiser, num_samples: int, length: int, steps: int = 1000, gr
     block, window: semi-autoregressive generation (md4.conditional.blockwise): the first `window`
         positions at once, then `block` new positions at a time, each window conditioned on the
         last window - block positions generated.
-    time_independent: the denoiser ignores t (needed by `cached`); None = detect it on an
-        md4.nn.Transformer (time_cond=False).
+    time_independent: the denoiser ignores t (needed by `cached`); None = read it from the
+        denoiser's `uses_time` (md4.nn backbones and md4.guidance wrappers declare it).
     callback: called as callback(x [num_samples, length], t [num_samples]) after every step.
     """
     from md4.conditional import blockwise, initial_state
 
-    run = get_sampler(sampler)
-    if sampler not in ("ancestral", "cached") and not getattr(model, "predicts_mean", True):
-        raise UserError(f"The {sampler} sampler draws tokens from a mean prediction; "
-                        f"{type(model).__name__} has its own reverse step, use ancestral or cached.")
+    if time_independent is None:
+        time_independent = ignores_time(denoiser)
+    run = check_sampler(model, sampler, time_independent).run
     truncate = Truncation(temperature, top_k, top_p)
     for name, value in (("number of samples", num_samples), ("length", length)):
         if int(value) < 1:
             raise UserError(f"The {name} must be at least 1, got {value}.")
     device = _default_device(denoiser, device)
     times = time_grid(steps, grid)
-    if time_independent is None:
-        time_independent = ignores_time(denoiser)
     x = initial_state(num_samples, length, model.mask_id, known, known_mask, device)
 
     def generate(x_window, window_callback):
         if window_callback is not None:
             window_callback(x_window, torch.ones(len(x_window), dtype=torch.float64))
         out = run(model, denoiser, x_window, times, generator, truncate=truncate, callback=window_callback,
-                  progress=progress, time_independent=time_independent)
+                  progress=progress)
         out = fill_masks(model, denoiser, out)
         if window_callback is not None:
             window_callback(out, torch.zeros(len(out), dtype=torch.float64))

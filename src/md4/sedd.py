@@ -29,7 +29,8 @@ added, so the bound is complete (the reconstruction term is 0: nothing is masked
 Sampling: the Tweedie tau-leaping step from t to s < t. For a masked position, the exact
 reverse transition is p(x_s = y | x_t = m) = (e^{sigma_bar(t) - sigma_bar(s)} - 1) s_y and
 p(stay masked) = (1 - e^{-sigma_bar(s)}) / (1 - e^{-sigma_bar(t)}); with learned scores these
-weights are normalised and drawn in float64.
+weights are normalised and drawn in float64 (SEDD.reveal). Temperature, top-k and top-p change
+only which token is revealed, not the probability of unmasking.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ import math
 import torch
 
 from md4 import schedules
-from md4.diffusion import MD4, antithetic_times
+from md4.diffusion import MD4, free_positions
 from md4.errors import UserError
+from md4.truncation import NO_TRUNCATION, Truncation
 
 
 class LogLinear(schedules.Schedule):
@@ -94,6 +96,7 @@ class SEDD(MD4):
     """SEDD absorbing with the log-linear schedule; shares MD4's forward process (mask each token
     with probability 1 - exp(-sigma_bar(t))) and sampler loop, with its own loss and reverse step."""
 
+    description = "SEDD absorbing: score-entropy discrete diffusion with the log-linear schedule (Lou et al. 2024)"
     continuous_time_only = True
     predicts_mean = False  # the network gives score ratios: only samplers that use reverse_step apply
 
@@ -107,35 +110,34 @@ class SEDD(MD4):
         """The t = 1 term: N eps log V nats (a fraction eps of tokens is unmasked, uniform under the prior)."""
         return length * self.schedule.eps * math.log(self.vocab_size)
 
-    def nelbo(self, denoiser, x0: torch.Tensor, timesteps: int = 0, generator=None,
-              t: torch.Tensor | None = None) -> torch.Tensor:
-        """One-sample unbiased estimate of the score entropy bound of each sequence: [B] nats.
-        Times are antithetic across the batch unless `t` [B] is given. Continuous time only."""
+    # nelbo (MD4's skeleton): one-sample unbiased estimate of the score entropy bound, [B] nats
+    def bound_times(self, t: torch.Tensor, timesteps: int = 0) -> torch.Tensor:
+        """Continuous time only; t below T_MIN is evaluated at T_MIN."""
         if timesteps:
             raise UserError("SEDD's bound is in continuous time only; leave --timesteps at 0 for a SEDD model.")
-        B, N = x0.shape
-        if t is None:
-            t = antithetic_times(B, generator, x0.device)
-        t = t.clamp(min=T_MIN)
-        xt = self.forward_sample(x0, t, generator)
-        return score_entropy(log_ratio(denoiser(xt, t)), x0, xt, t, self.schedule, self.mask_id) + self.prior(N)
+        return t.clamp(min=T_MIN)
 
-    def reverse_probs(self, logits: torch.Tensor, t: float, s: float) -> torch.Tensor:
-        """Tweedie tau-leaping step for a masked position: [..., V + 1] float64 probabilities of
-        becoming each token y (index < V) or staying masked (index V). logits: l = log_ratio(output)."""
+    def masked_terms(self, logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                     timesteps: int = 0) -> torch.Tensor:
+        """The score entropy integrand at t: [B] nats (`score_entropy` of the network's output)."""
+        return score_entropy(log_ratio(logits), x0, xt, t, self.schedule, self.mask_id)
+
+    def constant_terms(self, x0: torch.Tensor, known: torch.Tensor | None = None, timesteps: int = 0) -> float:
+        """The prior term at t = 1 of the free positions (nothing is masked at t = 0: no
+        reconstruction term)."""
+        return self.prior(free_positions(x0.shape[1], known))
+
+    def reveal(self, logits: torch.Tensor, t: float, s: float, truncate: Truncation = NO_TRUNCATION):
+        """The Tweedie tau-leaping step from t to s < t at a masked position (see MD4.reveal for the
+        form), from the network's outputs [..., V]. The unnormalised weights of becoming y and of
+        staying masked are (e^{sigma_bar(t) - sigma_bar(s)} - 1) s_y and
+        (1 - e^{-sigma_bar(s)}) / (1 - e^{-sigma_bar(t)}), so P(unmask) = U / (U + stay) with U the
+        sum of the former, and the token given unmasking follows s_y, i.e. softmax of the outputs.
+        Truncation changes that token distribution only; U, hence when tokens are revealed, is the
+        untruncated model's (issue 13, item 8). Computed in float64."""
         sb_t, sb_s = (self.schedule.sigma_bar(torch.tensor(v, dtype=torch.float64, device=logits.device))
                       for v in (t, s))
-        log_score = logits.double() - torch.log(torch.expm1(sb_t))
-        unmask = torch.expm1(sb_t - sb_s) * log_score.exp()  # [..., V]
-        stay = (-torch.expm1(-sb_s)) / (-torch.expm1(-sb_t))
-        w = torch.cat([unmask, stay.expand(unmask.shape[:-1] + (1,)).to(unmask)], dim=-1)
-        return w / w.sum(-1, keepdim=True)
-
-    def reverse_step(self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float,
-                     generator=None) -> torch.Tensor:
-        """Draw x_s given x_t (s < t): masked positions from `reverse_probs`, others stay."""
-        probs = self.reverse_probs(log_ratio(logits), t, s)
-        cdf = probs.cumsum(-1)
-        u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=torch.float64)
-        draw = torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1).clamp_(max=self.mask_id)
-        return torch.where(xt == self.mask_id, draw, xt)
+        log_score = log_ratio(logits).double() - torch.log(torch.expm1(sb_t))  # log s_y [..., V]
+        log_unmask = torch.log(torch.expm1(sb_t - sb_s)) + torch.logsumexp(log_score, dim=-1)  # log U [...]
+        log_stay = torch.log(-torch.expm1(-sb_s)) - torch.log(-torch.expm1(-sb_t))
+        return torch.sigmoid(log_unmask - log_stay), truncate(logits)  # U / (U + stay), without overflow

@@ -1,6 +1,7 @@
 """Data: the text8 character vocabulary, corpora (text8, shakespeare, any text file), image datasets, batching."""
 
-from md4.data.batches import draw_batch, eval_chunks, random_crops, random_offsets, split_labels
+from md4.data.batches import (check_labels, draw_batch, eval_chunks, random_crops, random_offsets, random_rows,
+                              split_labels)
 from md4.data.chars import CharTokenizer, normalize_text8
 from md4.data.corpora import CORPORA, load_corpus
 from md4.data.corpus import Corpus, load_text_file, split_corpus
@@ -12,6 +13,7 @@ __all__ = [
     "CORPORA",
     "CharTokenizer",
     "Corpus",
+    "check_labels",
     "IMAGE_DATASETS",
     "ImageCorpus",
     "ImageTokenizer",
@@ -25,6 +27,7 @@ __all__ = [
     "normalize_text8",
     "random_crops",
     "random_offsets",
+    "random_rows",
     "split_corpus",
     "split_labels",
 ]

@@ -70,11 +70,32 @@ def _rows(data: np.ndarray | torch.Tensor, length: int) -> torch.Tensor:
     return data
 
 
+def random_rows(data, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num` rows of a 2-D split picked at random with `seed`: (rows [num, N] long, indices [num])."""
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:num]
+    return torch.as_tensor(data)[idx].long(), idx
+
+
 def split_labels(corpus, which: str) -> torch.Tensor | None:
     """[M] long labels of a split, or None for a corpus without labels (text)."""
     labels = getattr(corpus, "labels", None)
     y = labels(which) if callable(labels) else None
     return None if y is None else torch.as_tensor(y).long()
+
+
+def check_labels(corpus, split: str, num_classes: int) -> torch.Tensor | None:
+    """The split's labels [M] long when the model is class-conditional (num_classes > 0), else
+    None; a UserError when the data has no labels or labels outside 0..num_classes-1."""
+    if not num_classes:
+        return None
+    labels = split_labels(corpus, split)
+    if labels is None:
+        raise UserError(f"model.num_classes={num_classes} asks for a class-conditional model, but corpus "
+                        f"{corpus.name!r} has no labels; set model.num_classes=0.")
+    if len(labels) and labels.max() >= num_classes:
+        raise UserError(f"Corpus {corpus.name!r} has labels up to {labels.max().item()}, but model.num_classes "
+                        f"is {num_classes}.")
+    return labels
 
 
 def draw_batch(corpus, batch_size: int, length: int, generator: torch.Generator, rows: slice = slice(None),

@@ -81,12 +81,17 @@ class GPT2Tokenizer:
     """GPT-2 BPE: text <-> ids in [0, 50257); id 50256 is `<|endoftext|>`, 50257 the mask."""
 
     name = "gpt2"
+    ARGS: dict = {}  # constructor arguments a model's config.json may give (none: not a file path)
+    length = None  # sequences of any length
     vocab_size = VOCAB_SIZE
     mask_id = VOCAB_SIZE
     eot_id = EOT_ID
 
     def __init__(self, path: str | Path | None = None):
         self.encoding = gpt2_encoding(str(path) if path else None)
+
+    def args(self) -> dict:
+        return {}
 
     def encode(self, text: str) -> np.ndarray:
         """1-D uint16 ids; a literal "<|endoftext|>" in the text is encoded as ordinary text."""

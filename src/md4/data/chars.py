@@ -57,9 +57,15 @@ def normalize_text8(text: str) -> str:
 class CharTokenizer:
     """27 symbols (space, a..z) with ids 0..26; the mask id is 27 == vocab_size."""
 
+    name = "char"
+    ARGS: dict = {}  # constructor arguments a model's config.json may give (none)
+    length = None  # sequences of any length
     vocab_size = len(ALPHABET)
     mask_id = len(ALPHABET)
     alphabet = ALPHABET
+
+    def args(self) -> dict:
+        return {}
 
     def encode(self, text: str | bytes) -> np.ndarray:
         """Text made only of " a-z" (and "_" for a masked position) -> [len(text)] uint8 ids.

@@ -24,8 +24,21 @@ SPLITS = ("train", "valid", "test")
 DEFAULT_FRACTIONS = (0.9, 0.05, 0.05)
 
 
+class Splits:
+    """The SPLITS of a corpus by name: attributes train, valid, test."""
+
+    def split(self, which: str) -> np.ndarray:
+        if which not in SPLITS:
+            raise UserError(f"Unknown split {which!r}; choose one of {', '.join(SPLITS)}.")
+        return getattr(self, which)
+
+    def sizes(self) -> str:
+        """"train=M, valid=M, test=M" (sequences or tokens), for repr."""
+        return ", ".join(f"{s}={len(self.split(s)):,}" for s in SPLITS)
+
+
 @dataclass(repr=False, eq=False)
-class Corpus:
+class Corpus(Splits):
     """train, valid, test: 1-D uint8 ids in [0, tokenizer.vocab_size)."""
 
     train: np.ndarray
@@ -34,14 +47,8 @@ class Corpus:
     tokenizer: CharTokenizer
     name: str
 
-    def split(self, which: str) -> np.ndarray:
-        if which not in SPLITS:
-            raise UserError(f"Unknown split {which!r}; choose one of {', '.join(SPLITS)}.")
-        return getattr(self, which)
-
     def __repr__(self) -> str:
-        sizes = ", ".join(f"{s}={len(self.split(s)):,}" for s in SPLITS)
-        return f"Corpus({self.name!r}, {sizes})"
+        return f"Corpus({self.name!r}, {self.sizes()})"
 
 
 def cache_dir() -> Path:
@@ -117,3 +124,13 @@ def fetch(url: str, dest: Path, timeout: float = 60.0, check=None) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already after a successful rename
     return dest
+
+
+def download(url: str, dest: Path, timeout: float = 60.0, check=None, put: str | None = None) -> Path:
+    """`fetch`, with any failure turned into one UserError that says what failed and what to put
+    where instead (`put`, e.g. "text8.zip or text8 in FOLDER"; default: the file, in dest's folder)."""
+    try:
+        return fetch(url, dest, timeout, check)
+    except Exception as e:
+        where = put or f"it in {Path(dest).parent}"
+        raise UserError(f"Could not download {url} ({e}); download it yourself and put {where}.") from None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from md4.data.corpus import cache_dir, data_dirs, fetch, read_bytes
+from md4.data.corpus import cache_dir, data_dirs, download, read_bytes
 from md4.errors import UserError
 
 # IDX type codes (the third byte of the magic number) -> numpy dtype (big-endian).
@@ -42,14 +42,6 @@ def find_dir(subdir: str, required: tuple[str, ...]) -> Path | None:
         if all((d / subdir / f).is_file() for f in required):
             return d / subdir
     return None
-
-
-def download(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Fetch url to dest through a temporary file and a rename; a UserError when it fails."""
-    try:
-        return fetch(url, dest, timeout)
-    except Exception as e:
-        raise UserError(f"Could not download {url} ({e}); download it yourself and put it in {dest.parent}.") from None
 
 
 def fetch_dir(subdir: str, files: tuple[str, ...], base_url: str | None, what: str) -> Path:
@@ -154,10 +146,27 @@ def read_cifar_batch(raw: bytes, source: str = "CIFAR batch") -> tuple[np.ndarra
     data, labels = d.get("data"), d.get("labels", d.get("fine_labels"))
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or labels is None:
         raise UserError(f"{source} lacks 'data' [M, 3072] or 'labels'.")
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(labels) != len(data):
-        raise UserError(f"{source} has {len(data)} images but {len(labels)} labels.")
-    return data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+    if data.dtype != np.uint8:
+        raise UserError(f"{source} holds 'data' of type {data.dtype}, not uint8 pixel values.")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), class_labels(labels, len(data), source)
+
+
+def class_labels(labels, count: int, source: str, num_classes: int | None = None) -> np.ndarray:
+    """`labels` as [count] int64, checked: whole numbers (not strings or floats), one per image,
+    each in 0..num_classes-1 when num_classes is given; else a UserError naming `source`."""
+    try:
+        a = np.asarray(labels)
+    except ValueError:  # ragged nesting
+        a = np.asarray([None])
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        kind = a.dtype if a.dtype.kind != "O" else "mixed objects"
+        raise UserError(f"{source} holds labels of type {kind} with shape {a.shape}; they must be "
+                        f"{count} whole class numbers.")
+    if len(a) != count:
+        raise UserError(f"{source} has {count} images but {len(a)} labels.")
+    if num_classes is not None and len(a) and (a.min() < 0 or a.max() >= num_classes):
+        raise UserError(f"{source} holds labels from {a.min()} to {a.max()}; they must lie in 0..{num_classes - 1}.")
+    return a.astype(np.int64)
 
 
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -201,8 +210,8 @@ def read_imagenet_npz(path: str | Path, size: int) -> tuple[np.ndarray, np.ndarr
         raise UserError(f"Cannot read the ImageNet batch {path} (an npz with 'data' and 'labels'): {e}.") from None
     if data.ndim != 2 or data.shape[1] != 3 * size * size:
         raise UserError(f"{path}: 'data' has shape {data.shape}, expected [M, {3 * size * size}] for {size}x{size}.")
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1) - 1
-    if len(labels) != len(data) or (len(labels) and (labels.min() < 0 or labels.max() > 999)):
+    labels = class_labels(np.asarray(labels).reshape(-1), len(data), str(path)) - 1
+    if len(labels) and (labels.min() < 0 or labels.max() > 999):
         raise UserError(f"{path}: 'labels' must be {len(data)} class numbers in 1..1000.")
     return data.astype(np.uint8).reshape(-1, 3, size, size).transpose(0, 2, 3, 1).copy(), labels
 

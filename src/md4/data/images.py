@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from md4.data import image_files as files
+from md4.data.corpus import SPLITS, Splits
 from md4.errors import UserError
 
-SPLITS = ("train", "valid", "test")
 VALID_FRACTION = 0.02
 
 
@@ -38,6 +38,8 @@ class ImageTokenizer:
     """[H, W, C] images <-> [N] token sequences (raster order, channels innermost)."""
 
     name = "image"
+    # constructor arguments in a model's config.json: whole numbers in these ranges (token ids are uint8)
+    ARGS = {"height": (1, 4096), "width": (1, 4096), "channels": (1, 4), "levels": (2, 256)}
 
     def __init__(self, height: int, width: int, channels: int = 1, levels: int = 256):
         self.height, self.width, self.channels, self.levels = int(height), int(width), int(channels), int(levels)
@@ -50,7 +52,7 @@ class ImageTokenizer:
         return self.height, self.width, self.channels
 
     def args(self) -> dict:
-        """What config.json stores to rebuild this tokenizer (md4.pretrained.load)."""
+        """What config.json stores to rebuild this tokenizer (md4.load)."""
         return {"height": self.height, "width": self.width, "channels": self.channels, "levels": self.levels}
 
     def encode(self, images) -> np.ndarray:
@@ -60,8 +62,7 @@ class ImageTokenizer:
             a = a[..., None]
         if a.shape[-3:] != self.shape:
             raise UserError(f"Images must have shape {self.shape} (height, width, channels), got {a.shape[-3:]}.")
-        if a.size and (a.min() < 0 or a.max() >= self.levels):
-            raise UserError(f"Pixel values must lie in 0..{self.levels - 1}.")
+        check_pixels(a, self.levels)
         return a.astype(np.uint8).reshape(*a.shape[:-3], self.length)
 
     def decode(self, ids) -> np.ndarray:
@@ -77,8 +78,16 @@ class ImageTokenizer:
         return f"ImageTokenizer({self.height}x{self.width}x{self.channels}, levels={self.levels})"
 
 
+def check_pixels(a: np.ndarray, levels: int, source: str = "The images") -> None:
+    """UserError unless every value of `a` is a whole number in 0..levels-1."""
+    if a.dtype.kind not in "iub":
+        raise UserError(f"{source} hold pixel values of type {a.dtype}; they must be whole numbers.")
+    if a.size and (a.min() < 0 or a.max() >= levels):
+        raise UserError(f"{source} hold pixel values from {a.min()} to {a.max()}; they must lie in 0..{levels - 1}.")
+
+
 @dataclass(repr=False, eq=False)
-class ImageCorpus:
+class ImageCorpus(Splits):
     """Splits of token rows [M, N] uint8 with labels [M] int64 (None when the dataset has none)."""
 
     train: np.ndarray
@@ -91,18 +100,12 @@ class ImageCorpus:
     name: str
     num_classes: int = 0
 
-    def split(self, which: str) -> np.ndarray:
-        if which not in SPLITS:
-            raise UserError(f"Unknown split {which!r}; choose one of {', '.join(SPLITS)}.")
-        return getattr(self, which)
-
     def labels(self, which: str) -> np.ndarray | None:
         self.split(which)
         return getattr(self, f"{which}_labels")
 
     def __repr__(self) -> str:
-        sizes = ", ".join(f"{s}={len(self.split(s)):,}" for s in SPLITS)
-        return f"ImageCorpus({self.name!r}, {self.tokenizer}, {sizes}, classes={self.num_classes})"
+        return f"ImageCorpus({self.name!r}, {self.tokenizer}, {self.sizes()}, classes={self.num_classes})"
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,10 @@ def load_images(name: str, *, min_length: int = 0) -> ImageCorpus:
     out = {}
     for s in SPLITS:
         images, labels = raw[s]
+        if images.dtype != np.uint8 or ds.levels != 256:  # else every value is in range
+            check_pixels(images, ds.levels, f"The {s} images of {name!r}")
         out[s] = tok.encode(downsample(images, size))
-        out[f"{s}_labels"] = None if labels is None else np.asarray(labels, dtype=np.int64)
+        out[f"{s}_labels"] = None if labels is None else files.class_labels(
+            labels, len(images), f"The {s} split of {name!r}", ds.num_classes)
     return ImageCorpus(**out, tokenizer=tok, name=name, num_classes=ds.num_classes)
 

@@ -16,7 +16,7 @@ A record r of length L becomes a row of the model length N:
 What is modeled: every position of x, the padding included. PAD is a deterministic function of
 the EOS position, so -log p(x) = -log p(r) and the NELBO bounds the record's negative
 log-likelihood *with its length*: a sample's length is drawn by the model. Per token, the bits
-count the L + 1 real tokens (symbols and EOS), not the padding (md4.data.records.record_summary).
+count the L + 1 real tokens (symbols and EOS), not the padding (md4.evaluate.record_summary).
 Decoding cuts at the first EOS or PAD. An empty record is an error; records longer than N - 1
 symbols are an error when the corpus is loaded for a model of length N, unless they were dropped
 at preparation (--max-length, with the count printed and kept in meta.json).
@@ -30,7 +30,6 @@ prepare` unless the source comes split (MOSES: its own test set, valid taken fro
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from md4.data.corpus import SPLITS, cache_dir
+from md4.data.corpus import SPLITS, Splits, cache_dir
 from md4.errors import UserError
 
 FORMAT = "md4-records"
@@ -54,14 +53,18 @@ JOINERS = {"chars": "", "words": " "}  # --symbols: how a record splits into sym
 class RecordTokenizer:
     """Records <-> ids: 0 = PAD, 1 = EOS, 2 + k = symbols[k]; mask id = vocab_size.
 
-    length: the model length N once known (set by the corpus loader, saved in config.json), so
-    that an infilling pattern can be laid out as a whole row."""
+    length: the model length N once known (set by the corpus loader, saved in config.json; None
+    before), so that an infilling pattern can be laid out as a whole row: every row has N tokens."""
 
     name = "records"
+    # constructor arguments a model's config.json gives (md4.pretrained.read_model_config):
+    # a type, or the range of a whole number
+    ARGS = {"symbols": list, "sep": str, "length": (1, 1 << 24)}
 
-    def __init__(self, symbols: list[str], sep: str = "", length: int = 0):
-        self.symbols, self.sep, self.length = list(symbols), str(sep), int(length)
-        if len(set(self.symbols)) != len(self.symbols) or not all(self.symbols):
+    def __init__(self, symbols: list[str], sep: str = "", length: int | None = None):
+        self.symbols, self.sep, self.length = list(symbols), str(sep), int(length) if length else None
+        if (len(set(self.symbols)) != len(self.symbols)
+                or not all(isinstance(s, str) and s for s in self.symbols)):
             raise UserError("A record vocabulary must list distinct, non-empty symbols.")
         self.ids = {s: i + len(SPECIALS) for i, s in enumerate(self.symbols)}
         self.vocab_size = len(self.symbols) + len(SPECIALS)
@@ -139,7 +142,7 @@ class RecordTokenizer:
         included, is generated."""
         ids = torch.as_tensor(self.encode(text))
         closed = length is None
-        n = int(length or self.length)
+        n = int(length or self.length or 0)
         if n < 1:
             raise UserError("This record model does not know its length; pass --length.")
         if len(ids) + closed > n:
@@ -225,18 +228,10 @@ def read_fasta(path: Path, field: str | None = None) -> Iterator[tuple[int, str]
 
 
 def read_jsonl(path: Path, field: str | None = None) -> Iterator[tuple[int, str]]:
-    field = field or "text"
+    from md4.data.prepare import json_text
+
     for n, line in _lines(path):
-        if not line.strip():
-            yield n, ""
-            continue
-        try:
-            value = json.loads(line)
-        except ValueError:
-            raise UserError(f"Line {n} of {path} is not valid JSON.") from None
-        if not isinstance(value, dict) or not isinstance(value.get(field), str):
-            raise UserError(f"Line {n} of {path} has no string field {field!r} (set --field).")
-        yield n, value[field]
+        yield n, json_text(line, n, path, field or "text", "--field") if line.strip() else ""
 
 
 def read_column(path: Path, field: str | None = None) -> Iterator[tuple[int, str]]:
@@ -346,8 +341,8 @@ def prepare_records(inputs: list[str | Path], out: str | Path, *, field: str | N
 
 # ----------------------------------------------------------------------------- loading
 @dataclass(repr=False, eq=False)
-class RecordCorpus:
-    """Splits as rows [M, N] (record, EOS, PAD...); `lengths(split)` [M] gives the record lengths."""
+class RecordCorpus(Splits):
+    """Splits as rows [M, N] (record, EOS, PAD...); `records(split)` decodes them."""
 
     train: np.ndarray
     valid: np.ndarray
@@ -355,17 +350,11 @@ class RecordCorpus:
     tokenizer: RecordTokenizer
     name: str
 
-    def split(self, which: str) -> np.ndarray:
-        if which not in SPLITS:
-            raise UserError(f"Unknown split {which!r}; choose one of {', '.join(SPLITS)}.")
-        return getattr(self, which)
-
     def records(self, which: str) -> list[str]:
         return [self.tokenizer.decode(row) for row in self.split(which)]
 
     def __repr__(self) -> str:
-        sizes = ", ".join(f"{s}={len(self.split(s)):,}" for s in SPLITS)
-        return f"RecordCorpus({self.name!r}, {self.tokenizer}, {sizes})"
+        return f"RecordCorpus({self.name!r}, {self.tokenizer}, {self.sizes()})"
 
 
 def is_records(path: str | Path) -> bool:
@@ -380,10 +369,13 @@ def load_records(folder: str | Path, *, min_length: int = 2) -> RecordCorpus:
     """A prepared records folder as rows of the model length N = min_length (the CLI passes
     data.length). A record of N or more symbols is a UserError (it would lose its end)."""
     from md4.checkpoint import read_json
+    from md4.validate import field, in_file, mapping
 
     folder = Path(folder).expanduser()
-    meta = read_json(folder / META)
-    tok = RecordTokenizer(meta["symbols"], meta.get("sep", ""), length=min_length)
+    path = folder / META
+    meta = mapping(read_json(path), "the top level", path)
+    tok = in_file(path, RecordTokenizer, field(meta, "symbols", list, path), field(meta, "sep", str, path, default=""),
+                  length=min_length)
     splits = {}
     for split in SPLITS:
         try:
@@ -391,6 +383,10 @@ def load_records(folder: str | Path, *, min_length: int = 2) -> RecordCorpus:
             lengths = np.load(folder / f"{split}_lengths.npy", allow_pickle=False).astype(np.int64)
         except (OSError, ValueError) as e:
             raise UserError(f"The {split} split of {folder} is missing or damaged ({type(e).__name__}).") from None
+        if (ids.ndim != 1 or lengths.ndim != 1 or ids.dtype.kind != "u" or (lengths < 1).any()
+                or lengths.sum() != len(ids) or (len(ids) and not 2 <= ids.min() <= ids.max() < tok.vocab_size)):
+            raise UserError(f"The {split} split of {folder} is damaged: its ids and lengths disagree, or ids lie "
+                            f"outside the {len(tok.symbols)} symbols of {META}.")
         if len(lengths) and lengths.max() >= min_length:
             n = int((lengths >= min_length).sum())
             raise UserError(f"{n:,} {split} record(s) of {folder} have {min_length} or more symbols (the longest "
@@ -421,22 +417,6 @@ def real_tokens(tokenizer, rows: torch.Tensor) -> torch.Tensor | None:
     if not isinstance(tokenizer, RecordTokenizer):
         return None
     return (rows != PAD).sum(-1).double()
-
-
-def record_summary(nelbo: torch.Tensor, tokens: torch.Tensor) -> dict:
-    """Per record and per real token, with standard errors: nelbo [M] nats, tokens [M] (L + 1).
-
-    Per token is the ratio R = sum nelbo / sum tokens (bits per real token); its SE is the
-    delta method's sqrt(var(nelbo_i - R tokens_i) / M) / mean(tokens)."""
-    m = len(nelbo)
-    ratio = (nelbo.sum() / tokens.sum()).item()
-    se = lambda v: v.std().item() / math.sqrt(m) if m > 1 else float("nan")
-    ln2 = math.log(2)
-    return {"records": m, "mean_record_tokens": tokens.mean().item(),
-            "nats_per_record": nelbo.mean().item(), "nats_per_record_se": se(nelbo),
-            "bits_per_record": nelbo.mean().item() / ln2, "bits_per_record_se": se(nelbo) / ln2,
-            "bits_per_real_token": ratio / ln2,
-            "bits_per_real_token_se": se(nelbo - ratio * tokens) / tokens.mean().item() / ln2}
 
 
 def describe(meta: dict) -> str:

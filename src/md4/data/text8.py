@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 from md4.data.chars import CharTokenizer
-from md4.data.corpus import DEFAULT_FRACTIONS, Corpus, cache_dir, data_dirs, fetch, read_bytes, split_corpus
+from md4.data.corpus import DEFAULT_FRACTIONS, Corpus, cache_dir, data_dirs, download, read_bytes, split_corpus
 from md4.errors import UserError
 
 URL = "http://mattmahoney.net/dc/text8.zip"
@@ -35,21 +35,10 @@ def find_text8(path: str | Path | None = None) -> Path | None:
     return None
 
 
-def download(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Fetch url to dest atomically (md4.data.corpus.fetch), checking it is a zip. On any failure
-    nothing is left at dest and a UserError says what to do."""
-
-    def is_zip(path):
-        if not zipfile.is_zipfile(path):
-            raise OSError("the downloaded file is not a zip archive")
-
-    try:
-        return fetch(url, dest, timeout, check=is_zip)
-    except Exception as e:
-        places = " or ".join(str(d) for d in data_dirs())
-        raise UserError(
-            f"Could not download {url} ({e}); download it yourself and put text8.zip or text8 in {places}."
-        ) from None
+def is_zip(path) -> None:
+    """OSError unless the downloaded file is a zip archive (a proxy's HTML page is not)."""
+    if not zipfile.is_zipfile(path):
+        raise OSError("the downloaded file is not a zip archive")
 
 
 def read_text8(path: str | Path) -> bytes:
@@ -78,10 +67,10 @@ def load_text8(
     """text8 split 90/5/5 (of the real 100M file: exactly 90M / 5M / 5M)."""
     found = find_text8(path)
     if found is None:
+        places = " or ".join(str(d) for d in data_dirs())
         if not allow_download:
-            places = " or ".join(str(d) for d in data_dirs())
             raise UserError(f"text8 was not found; put text8.zip or text8 (from {URL}) in {places}.")
-        found = download(URL, cache_dir() / "text8.zip")
+        found = download(URL, cache_dir() / "text8.zip", check=is_zip, put=f"text8.zip or text8 in {places}")
     raw = read_text8(found)
     try:
         ids = CharTokenizer().encode(raw)

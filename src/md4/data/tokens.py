@@ -20,6 +20,7 @@ import torch
 
 from md4.data.corpus import SPLITS, Corpus
 from md4.errors import UserError
+from md4.validate import fail, field, known_keys, mapping, one_of
 
 META = "meta.json"
 FORMAT = "md4-tokens"
@@ -35,8 +36,9 @@ class TokenShards:
     A window never crosses a shard boundary: the W = sum_s max(0, len_s - N + 1) windows of
     length N are numbered shard by shard, and `crops` reads windows by number."""
 
-    def __init__(self, files: list[Path], sizes: list[int]):
+    def __init__(self, files: list[Path], sizes: list[int], vocab_size: int | None = None):
         self.files, self.sizes = list(files), [int(s) for s in sizes]
+        self.vocab_size = vocab_size  # ids read are checked to lie below it (None: not checked)
         self._maps: list[np.memmap | None] = [None] * len(files)
 
     def __len__(self) -> int:
@@ -61,14 +63,22 @@ class TokenShards:
         idx = index.numpy().astype(np.int64)
         which = np.searchsorted(ends, idx, side="right")
         starts = idx - (ends[which] - per_shard[which])
-        rows = [np.asarray(self.shard(s)[o : o + length], dtype=np.int64) for s, o in zip(which, starts)]
+        rows = [self.checked(s, np.asarray(self.shard(s)[o : o + length], dtype=np.int64))
+                for s, o in zip(which, starts)]
         return torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, length, dtype=torch.long)
+
+    def checked(self, i: int, ids: np.ndarray) -> np.ndarray:
+        """ids read from shard i, or a UserError when one lies outside the vocabulary."""
+        if self.vocab_size is not None and ids.size and ids.max() >= self.vocab_size:
+            raise UserError(f"Token shard {self.files[i]} holds the id {ids.max()}, outside the vocabulary of "
+                            f"{self.vocab_size:,} that meta.json gives.")
+        return ids
 
     def read(self) -> np.ndarray:
         """The whole split in memory: 1-D uint16 (for the small held-out splits)."""
         if not self.files:
             return np.zeros(0, dtype=np.uint16)
-        return np.concatenate([np.asarray(self.shard(i)) for i in range(len(self.files))])
+        return np.concatenate([self.checked(i, np.asarray(self.shard(i))) for i in range(len(self.files))])
 
 
 def random_windows(data: TokenShards, batch_size: int, length: int, generator: torch.Generator,
@@ -84,11 +94,44 @@ def random_windows(data: TokenShards, batch_size: int, length: int, generator: t
 
 
 def read_meta(folder: Path) -> dict:
+    """meta.json checked field by field: format, tokenizer (a BPE_TOKENIZERS name), vocab_size and
+    eot_id (the tokenizer's), dtype uint16, and splits (train, valid, test) each with
+    shards [{file, tokens}]: every file a path inside the folder (no absolute path, no "..", no
+    symbolic link out of it) holding exactly `tokens` uint16 ids, and the split's tokens their sum."""
     from md4.checkpoint import read_json
+    from md4.data.bpe import BPE_TOKENIZERS
 
-    meta = read_json(folder / META)
-    if meta.get("format") != FORMAT or "splits" not in meta:
-        raise UserError(f"{folder / META} is not the metadata of a prepared md4 token corpus.")
+    path = folder / META
+    meta = mapping(read_json(path), "the top level", path)
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} is not the metadata of a prepared md4 token corpus.")
+    tokenizer = BPE_TOKENIZERS[one_of(meta.get("tokenizer"), BPE_TOKENIZERS, "tokenizer", path)]
+    for key in ("vocab_size", "eot_id"):
+        expected = getattr(tokenizer, key)
+        if field(meta, key, int, path, default=expected) != expected:
+            raise fail(key, path, f"is {meta[key]}, but the {tokenizer.name} tokenizer has {expected}")
+    one_of(meta.get("dtype", "uint16"), ("uint16",), "dtype", path)
+    splits = field(meta, "splits", dict, path)
+    known_keys(splits, SPLITS, "splits", path)
+    root = folder.resolve()
+    for split, info in splits.items():
+        where = f"splits.{split}"
+        shards = field(mapping(info, where, path), "shards", list, path, prefix=f"{where}.")
+        for i, shard in enumerate(shards):
+            name = f"{where}.shards[{i}]"
+            mapping(shard, name, path)
+            file = field(shard, "file", str, path, prefix=f"{name}.")
+            tokens = field(shard, "tokens", int, path, lo=0, prefix=f"{name}.")
+            target = (folder / file).resolve()
+            if Path(file).is_absolute() or ".." in Path(file).parts or not target.is_relative_to(root):
+                raise fail(f"{name}.file", path, f"is {file!r}, outside the corpus folder; shards must lie inside it")
+            size = target.stat().st_size if target.is_file() else None
+            if size != 2 * tokens:
+                held = "is missing" if size is None else f"holds {size // 2:,} uint16 ids"
+                raise UserError(f"Token shard {folder / file} {held}, but meta.json says {tokens:,}.")
+        total = sum(s["tokens"] for s in shards)
+        if field(info, "tokens", int, path, lo=0, default=total, prefix=f"{where}.") != total:
+            raise fail(f"{where}.tokens", path, f"is {info['tokens']:,}, but its shards hold {total:,}")
     return meta
 
 
@@ -98,14 +141,12 @@ def load_prepared(folder: str | Path, *, min_length: int = 2) -> Corpus:
 
     folder = Path(folder).expanduser()
     meta = read_meta(folder)
-    name = meta.get("tokenizer")
-    if name not in BPE_TOKENIZERS:
-        raise UserError(f"{folder} was prepared with an unknown tokenizer {name!r}.")
-    tokenizer = BPE_TOKENIZERS[name]()
+    tokenizer = BPE_TOKENIZERS[meta["tokenizer"]]()
     splits = {}
     for split in SPLITS:
         info = meta["splits"].get(split, {"shards": []})
-        shards = TokenShards([folder / s["file"] for s in info["shards"]], [s["tokens"] for s in info["shards"]])
+        shards = TokenShards([folder / s["file"] for s in info["shards"]], [s["tokens"] for s in info["shards"]],
+                             tokenizer.vocab_size)
         splits[split] = shards if split == "train" else shards.read()
     train = splits["train"]
     if len(train) < min_length or int(train.windows(min_length - 1).sum()) < 1:

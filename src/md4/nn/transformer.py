@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from md4.errors import UserError
+from md4.nn.backbone import Backbone
+
 
 def rope_tables(n: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of the angles m * base^(-2i / head_dim), positions m < n: each [n, head_dim] float32.
@@ -132,7 +135,7 @@ class PixelPositions(nn.Module):
         return self.row(i // (W * C)) + self.col(i // C % W) + self.channel(i % C)
 
 
-class Transformer(nn.Module):
+class Transformer(Backbone):
     """Denoiser backbone; `time_cond=False` builds no time parameters and ignores t entirely.
     `causal=True` makes position n attend only to positions <= n (the autoregressive baseline)."""
 
@@ -172,6 +175,34 @@ class Transformer(nn.Module):
         adaln = [b.ada for b in self.blocks] + [self.final_ada] if conditioned else []
         for linear in adaln:  # adaLN-zero: no shift, unit scale, closed gates at init
             nn.init.zeros_(linear.weight)
+
+    @classmethod
+    def from_config(cls, vocab_size: int, cfg, *, length: int, causal: bool = False,
+                    image_shape: tuple[int, int, int] | None = None) -> "Transformer":
+        """From model.* keys dim, layers, heads, mlp_ratio, glu, time_cond, cond_dim, dropout,
+        num_classes and pos2d (learned pixel positions: needs `image_shape`); RoPE tables for
+        max(length, 1024) positions, so samples may be longer than the training length."""
+        if cfg.dim % cfg.heads:
+            raise UserError(f"model.dim ({cfg.dim}) must be divisible by model.heads ({cfg.heads}).")
+        if cfg.pos2d and image_shape is None:
+            raise UserError("model.pos2d needs an image dataset (learned row, column and channel positions).")
+        return cls(vocab_size, dim=cfg.dim, layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+                   glu=cfg.glu, time_cond=cfg.time_cond, cond_dim=cfg.cond_dim, dropout=cfg.dropout,
+                   max_len=max(length, 1024), causal=causal, num_classes=cfg.num_classes,
+                   image_shape=image_shape if cfg.pos2d else None)
+
+    @property
+    def max_len(self) -> int:
+        """The longest sequence this network takes (its RoPE tables)."""
+        return self.rope_cos.shape[0]
+
+    @property
+    def uses_time(self) -> bool:
+        return self.time_cond
+
+    def shard_units(self) -> list[nn.Module]:
+        """Each block: FSDP gathers one block's weights at a time."""
+        return list(self.blocks)
 
     @staticmethod
     def _init(module: nn.Module):

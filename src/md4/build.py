@@ -17,19 +17,21 @@ from md4.config import Config
 from md4.data import CharTokenizer, ImageTokenizer
 from md4.data.bpe import GPT2Tokenizer
 from md4.data.images import is_image_corpus, tokenizer_for
+from md4.data.records import RecordTokenizer
 from md4.diffusion import MD4
 from md4.errors import UserError
 from md4.genmd4 import GenMD4
 from md4.method import Method
 from md4.nn import BACKBONES, Backbone
+from md4.restrict import restrict_network
 from md4.sedd import SEDD
 
 # Training methods: name -> md4.method.Method subclass, built by cls.from_config(vocab_size, cfg).
 # Baselines: "ar" (causal, exact likelihood) and "sedd" (score entropy, absorbing); D3PM-absorb
 # is "md4" evaluated with --timesteps 1000.
 METHODS: dict[str, type[Method]] = {"md4": MD4, "genmd4": GenMD4, "ar": AR, "sedd": SEDD}
-# built with config.json's "tokenizer_args": the whole numbers each tokenizer's ARGS names
-TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "image": ImageTokenizer}
+# built with config.json's "tokenizer_args": the values each tokenizer's ARGS names (md4.pretrained.read_model_config)
+TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "image": ImageTokenizer, "records": RecordTokenizer}
 # saved weights' key prefixes of earlier versions -> today's (Bundle.method was Bundle.diffusion)
 LEGACY_PREFIXES = {"diffusion.": "method."}
 
@@ -91,12 +93,13 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def build(cfg: Config, vocab_size: int, saved: bool = False) -> tuple[Method, Backbone]:
+def build(cfg: Config, vocab_size: int, saved: bool = False, tokenizer=None) -> tuple[Method, Backbone]:
     """(method, denoising network) for `cfg` over a vocabulary of `vocab_size` tokens: the method
     from METHODS[cfg.method], the network from md4.nn.BACKBONES[cfg.model.arch], causal when the
     method says so and told the image shape when the data are images. A method that needs time
     conditioning refuses a new model without it; saved=True rebuilds a trained model as it was
-    saved, without the checks for new models."""
+    saved, without the checks for new models. A `tokenizer` that declares which values each
+    position can hold (records) restricts the network's logits to them (md4.restrict)."""
     cls = method_class(cfg.method)
     if cls.needs_time_cond and not cfg.model.time_cond and not saved:
         raise UserError(f"Method {cfg.method} needs a network that sees t (its exact denoiser depends on t); "
@@ -106,6 +109,8 @@ def build(cfg: Config, vocab_size: int, saved: bool = False) -> tuple[Method, Ba
     image_shape = tokenizer_for(corpus).shape if is_image_corpus(corpus) else None
     net = BACKBONES[cfg.model.arch].from_config(vocab_size, cfg.model, length=cfg.data.length,
                                                 causal=method.causal, image_shape=image_shape)
+    if tokenizer is not None:
+        restrict_network(net, tokenizer, causal=method.causal)
     return method, net
 
 

@@ -10,6 +10,7 @@ import sys
 from md4 import commands
 from md4.config import preset_names
 from md4.data.corpus import SPLITS
+from md4.data.records import JOINERS
 from md4.data.zeroshot import ZERO_SHOT
 from md4.errors import UserError
 from md4.pictures import REGIONS
@@ -110,16 +111,21 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--hf", metavar="DATASET[:CONFIG]", help="a Hugging Face dataset instead, e.g. Skylion007/openwebtext")
     q.add_argument("--hf-split", default="train")
     q.add_argument("--text-field", default="text", help="the text field of JSONL lines / dataset records")
-    q.add_argument("--valid", type=float, default=None, help="fraction of pieces held out for validation "
-                                                              "(default 0.005)")
+    q.add_argument("--valid", type=float, default=None, help="fraction of pieces (records) held out for validation "
+                                                              "(default 0.005; records 0.05)")
     q.add_argument("--valid-docs", type=int, default=None, help="hold out the last N documents for validation "
                                                                 "instead (default 100000 for Skylion007/openwebtext)")
-    q.add_argument("--test", type=float, default=0.0, help="fraction of pieces held out for testing")
+    q.add_argument("--test", type=float, default=None, help="fraction held out for testing (default 0; records 0.05)")
     q.add_argument("--tokenizer", default="gpt2")
     q.add_argument("--workers", type=int, default=0, help="tokenizing processes (0 = all CPUs)")
     q.add_argument("--piece-chars", type=int, default=1 << 16, help="long documents are cut into pieces this long")
     q.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
     q.add_argument("--max-documents", type=int, default=0, help="stop after this many documents (0 = all)")
+    q.add_argument("--records", action="store_true", help="one record per line (.txt .smi .fasta .jsonl .csv, or "
+                   "moses), its own vocabulary")
+    q.add_argument("--field", help="--records: the JSONL field or CSV column of the records")
+    q.add_argument("--symbols", default="chars", choices=list(JOINERS), help="--records: symbols of a record")
+    q.add_argument("--max-length", type=int, default=0, help="--records: drop records longer than this (counted)")
 
     u = command(sub, "push", commands.cmd_push, "upload a run's model to the Hugging Face Hub with a generated "
                                                 "model card")

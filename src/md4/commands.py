@@ -245,13 +245,29 @@ def cmd_demo(args) -> None:
 def cmd_data_prepare(args) -> None:
     from md4.data.prepare import prepare
 
+    if args.records:
+        return cmd_prepare_records(args)
     meta = prepare(args.inputs, args.out, hf=args.hf, hf_split=args.hf_split, text_field=args.text_field,
-                   valid=args.valid, test=args.test, tokenizer=args.tokenizer, workers=args.workers,
+                   valid=args.valid, test=args.test or 0.0, tokenizer=args.tokenizer, workers=args.workers,
                    piece_chars=args.piece_chars, shard_tokens=args.shard_tokens, max_documents=args.max_documents,
                    valid_docs=args.valid_docs)
     sizes = ", ".join(f"{s} {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in meta["splits"].items())
     print(f"{args.out}: {meta['characters']:,} characters -> {sizes} ({meta['seconds']:.1f} s); "
           f"train with --set data.corpus={args.out}")
+
+
+def cmd_prepare_records(args) -> None:
+    """`md4 data prepare --records`: files of records (or a source such as moses) -> a records folder."""
+    from md4.data.records import describe, prepare_records
+
+    text_only = given(args, ["--hf", "--valid-docs"])
+    if text_only:
+        raise UserError(f"{', '.join(text_only)} prepare{'s' * (len(text_only) == 1)} text corpora, not --records.")
+    check_counts(args, max_length=0)
+    valid, test = (0.05 if v is None else v for v in (args.valid, args.test))
+    meta = prepare_records(args.inputs, args.out, field=args.field, symbols=args.symbols, max_length=args.max_length,
+                           valid=valid, test=test)
+    print(f"{args.out}: {describe(meta)}; train with --set data.corpus={args.out}")
 
 
 def cmd_inspect(args) -> None:

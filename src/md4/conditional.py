@@ -54,7 +54,10 @@ def encode_text(tokenizer, text: str) -> torch.Tensor:
 def text_condition(tokenizer, text: str, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(known [length] long, known_mask [length] bool) for a prompt or an infilling pattern: the
     text fills the first positions ("_" = to generate), the rest of `length` is generated.
-    length None = the text's own length."""
+    length None = the text's own length. A tokenizer with its own `condition(text, length)`
+    (records: md4.data.records) lays the pattern out itself."""
+    if hasattr(tokenizer, "condition"):
+        return tokenizer.condition(text, length)
     ids = encode_text(tokenizer, text)
     length = len(ids) if length is None else int(length)
     if len(ids) > length:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from md4.data import check_labels, eval_chunks, load_corpus
+from md4.data.records import real_tokens
 from md4.data.zeroshot import ZERO_SHOT, eval_corpus
 from md4.errors import UserError
 from md4.guidance import with_labels
@@ -73,6 +74,22 @@ def summarize(nelbo: torch.Tensor, length: int) -> dict:
     }
 
 
+def record_summary(nelbo: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Per record and per real token, with standard errors: nelbo [M] nats, tokens [M] (L + 1).
+
+    Per token is the ratio R = sum nelbo / sum tokens (bits per real token); its SE is the
+    delta method's sqrt(var(nelbo_i - R tokens_i) / M) / mean(tokens)."""
+    m = len(nelbo)
+    ratio = (nelbo.sum() / tokens.sum()).item()
+    se = lambda v: v.std().item() / math.sqrt(m) if m > 1 else float("nan")
+    ln2 = math.log(2)
+    return {"records": m, "mean_record_tokens": tokens.mean().item(),
+            "nats_per_record": nelbo.mean().item(), "nats_per_record_se": se(nelbo),
+            "bits_per_record": nelbo.mean().item() / ln2, "bits_per_record_se": se(nelbo) / ln2,
+            "bits_per_real_token": ratio / ln2,
+            "bits_per_real_token_se": se(nelbo - ratio * tokens) / tokens.mean().item() / ln2}
+
+
 # ----------------------------------------------------------------------------- a loaded model
 def evaluate_model(model, split: str | None = "valid", data: str | None = None, mc_samples: int = 1,
                    timesteps: int = 0, batch_size: int = 32, limit: int = 0, seed: int = 0,
@@ -102,10 +119,11 @@ def evaluate_model(model, split: str | None = "valid", data: str | None = None, 
         raise UserError(f"The NELBO of model {model.source} is not finite on {bad} of {len(nelbo)} {corpus.name} "
                         f"sequences; its weights overflow or are damaged.")
     image = corpus.tokenizer.name == "image"  # bits per token = bits per dimension
+    tokens = real_tokens(corpus.tokenizer, chunks)  # records: per record and per real token, not padding
     return {"model": str(model.source), "method": model.config.method, "corpus": corpus.name, "split": split,
             "mc_samples": mc_samples, "timesteps": timesteps, "bound": bound_name(timesteps, exact),
             "unit": "bits/dim" if image else "bits/token", "class_conditional": labels is not None,
-            **summarize(nelbo, model.length)}
+            **summarize(nelbo, model.length), **(record_summary(nelbo, tokens) if tokens is not None else {})}
 
 
 def bound_options(model, mc_samples: int, timesteps: int) -> tuple[int, int]:
@@ -132,9 +150,12 @@ def format_eval(r: dict) -> str:
     bound = r.get("bound") or bound_name(r["timesteps"])
     what = "NLL exact" if bound == "exact" else f"NELBO {bound}"
     unit = r.get("unit", "bits/token") + (" given the class" if r.get("class_conditional") else "")
+    records = (f"; {r['bits_per_record']:.3f} ± {r['bits_per_record_se']:.3f} bits per record (its length "
+               f"included), {r['bits_per_real_token']:.4f} ± {r['bits_per_real_token_se']:.4f} bits per real token "
+               f"(symbols and end, {r['mean_record_tokens']:.1f} per record)") if "bits_per_record" in r else ""
     return (f"{r['corpus']} {r['split']}: {r['bits_per_token']:.4f} ± {r['bits_per_token_se']:.4f} {unit} "
             f"(perplexity {r['perplexity']:.3f}; {what}, {r['sequences']} sequences of {r['length']}, "
-            f"{r['mc_samples']} draw(s) of t each)")
+            f"{r['mc_samples']} draw(s) of t each){records}")
 
 
 def eval_table(results: list[dict]) -> str:

@@ -21,7 +21,7 @@ from md4.config import Config, from_dict
 from md4.errors import UserError
 from md4.method import Method
 from md4.nn import Backbone
-from md4.validate import fail, field, known_keys, mapping, one_of
+from md4.validate import fail, field, in_file, known_keys, mapping, one_of
 
 
 @dataclass
@@ -146,29 +146,31 @@ def describe_tokens(tokenizer) -> str:
     return f"{tokenizer.name} tokens (vocabulary {tokenizer.vocab_size:,}{args})"
 
 
+def tokenizer_arg(args: dict, key: str, spec, path: Path):
+    """args[key] checked by a tokenizer's ARGS entry: (lo, hi) a whole number in lo..hi, or a type."""
+    typ, lo, hi = (int, *spec) if isinstance(spec, tuple) else (spec, None, None)
+    return field(args, key, typ, path, lo, hi, prefix="tokenizer_args.")
+
+
 def read_model_config(folder: Path) -> tuple[Config, object]:
     """A model folder's config.json, checked field by field: (config, tokenizer).
 
     format        "md4"
     config        the Config as a mapping (types and ranges: md4.config.from_dict)
     tokenizer     a name in TOKENIZERS (default char)
-    tokenizer_args  exactly the tokenizer's ARGS, each a whole number in its range
+    tokenizer_args  exactly the tokenizer's ARGS, each a whole number in its range (lo, hi) or a
+                  value of its type (records: the symbols, a list of strings)
     vocab_size    the tokenizer's vocabulary (default: it)
     A tokenizer of fixed length (images) must give config.data.length values."""
     path = Path(folder) / "config.json"
     raw = mapping(checkpoint.read_json(path), "the top level", path)
     one_of(raw.get("format", "md4"), ("md4",), "format", path)
     section = field(raw, "config", dict, path, default=raw)  # without "config": an old layout
-    try:
-        cfg = from_dict(Config, section)
-    except UserError as e:
-        message = str(e)
-        raise UserError(f"In {path}, {message[0].lower()}{message[1:]}") from None
+    cfg = in_file(path, from_dict, Config, section)
     cls = TOKENIZERS[one_of(raw.get("tokenizer", "char"), TOKENIZERS, "tokenizer", path)]
     args = field(raw, "tokenizer_args", dict, path, default={})
     known_keys(args, cls.ARGS, "tokenizer_args", path)
-    tokenizer = cls(**{k: field(args, k, int, path, lo, hi, prefix="tokenizer_args.")
-                       for k, (lo, hi) in cls.ARGS.items()})
+    tokenizer = in_file(path, cls, **{k: tokenizer_arg(args, k, spec, path) for k, spec in cls.ARGS.items()})
     vocab_size = field(raw, "vocab_size", int, path, lo=1, default=tokenizer.vocab_size)
     if vocab_size != tokenizer.vocab_size:
         raise fail("vocab_size", path, f"is {vocab_size}, but the {tokenizer.name} tokenizer has "
@@ -184,7 +186,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", revision: str | N
     ("org/name", "org/name@revision"; md4.hub), for evaluation and sampling."""
     folder = model_folder(hub.resolve(path, revision))
     cfg, tokenizer = read_model_config(folder)
-    method, net = build(cfg, tokenizer.vocab_size, saved=True)
+    method, net = build(cfg, tokenizer.vocab_size, saved=True, tokenizer=tokenizer)
     weights = upgrade_weights(checkpoint.read_weights(folder / "model.safetensors"))
     checkpoint.load_into(Bundle(method, net), weights, folder)
     net.eval()

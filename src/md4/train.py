@@ -183,7 +183,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
     corpus = load_corpus(cfg.data.corpus, min_length=cfg.data.length)
     V, N = corpus.tokenizer.vocab_size, cfg.data.length
     torch.manual_seed(tc.seed)
-    method, net = build(cfg, V)
+    method, net = build(cfg, V, tokenizer=corpus.tokenizer)  # records: impossible values get no mass
     model = Bundle(method, net).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     ema_net, ema_method = ema.net, ema.method

@@ -72,6 +72,16 @@ def field(d: dict, key: str, typ: type, where, lo=None, hi=None, default=MISSING
     return check(d[key], typ, f"{prefix}{key}", where, lo, hi)
 
 
+def in_file(where, fn, *args, **kwargs):
+    """fn(*args, **kwargs), a UserError it raises named with the file `where` its values come from:
+    "In WHERE, what it says." (for the checks a constructor makes, e.g. a Config's)."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        message = str(e)
+        raise UserError(f"In {where}, {message[0].lower()}{message[1:]}") from None
+
+
 def mapping(value, name: str, where=None) -> dict:
     return check(value, dict, name, where)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from md4.data.corpus import Corpus, load_text_file
 from md4.data.images import ImageCorpus, is_image_corpus, load_images
+from md4.data.records import SOURCES as RECORD_SOURCES
+from md4.data.records import is_records, load_named, load_records
 from md4.data.shakespeare import load_shakespeare
 from md4.data.text8 import FILE_NAMES as TEXT8_FILE_NAMES
 from md4.data.text8 import load_text8
@@ -17,6 +20,8 @@ from md4.errors import UserError
 CORPORA: dict[str, Callable[..., Corpus]] = {
     "text8": load_text8,
     "shakespeare": load_shakespeare,
+    # record sources (md4.data.records), prepared into the cache on first use for the model length
+    **{name: partial(load_named, name) for name in RECORD_SOURCES},
 }
 
 
@@ -36,6 +41,8 @@ def load_corpus(name_or_path: str, *, min_length: int = 2) -> Corpus | ImageCorp
         raise UserError(
             f"Unknown corpus {name_or_path!r}: it is neither one of {', '.join(CORPORA)} nor an existing file."
         )
+    if is_records(path):  # a folder written by `md4 data prepare --records`
+        return load_records(path, min_length=min_length)
     if is_prepared(path):  # a folder written by `md4 data prepare`
         return load_prepared(path, min_length=min_length)
     if path.name in TEXT8_FILE_NAMES:

@@ -92,18 +92,23 @@ def _open_text(path: Path):
     return opener(path, "rt", encoding="utf-8", errors="replace")
 
 
+def json_text(line: str, n: int, path: Path, field: str, option: str = "--text-field") -> str:
+    """The string `field` of line n of a JSONL file; a UserError naming the line (and the option
+    that names the field) when the line is no JSON object with that string."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        raise UserError(f"Line {n} of {path} is not valid JSON.") from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        raise UserError(f"Line {n} of {path} has no string field {field!r} (set {option}).")
+    return record[field]
+
+
 def jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     with _open_text(path) as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise UserError(f"Line {n} of {path} is not valid JSON.") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise UserError(f"Line {n} of {path} has no string field {text_field!r} (set --text-field).")
-            yield record[text_field]
+            if line.strip():
+                yield json_text(line, n, path, text_field)
 
 
 def file_documents(files: list[Path], text_field: str) -> Iterator[str | Path]:

@@ -24,7 +24,7 @@ import torch
 import md4
 from md4.config import load_config
 from md4.evaluate import evaluate_model, reference_quality, sample_quality
-from md4.train import train
+from md4.train import train_unless_done
 
 
 def training_seconds(run: Path) -> float:
@@ -54,9 +54,7 @@ def main(argv=None) -> int:
     for method in args.methods:
         cfg = load_config(args.config, args.set + [f"method={method}"])
         run = out / method
-        if not (run / "model" / "config.json").exists():
-            print(f"== training {method} in {run}", file=sys.stderr)
-            train(cfg, run)
+        train_unless_done(cfg, run)
         torch.set_num_threads(args.threads)
         model = md4.load(run)
         tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.length

@@ -28,7 +28,7 @@ from md4.evaluate import evaluate_model
 from md4.config import load_config
 from md4.data import load_corpus
 from md4.molecules import fill_template, molecule_metrics, scaffold_kept
-from md4.train import train
+from md4.train import train_unless_done
 
 TINY = ["model.dim=32", "model.layers=2", "model.heads=2", "model.cond_dim=16", "train.steps=30",
         "train.batch_size=16", "train.eval_every=30", "train.ckpt_every=30", "train.log_every=10", "train.warmup=5"]
@@ -72,9 +72,7 @@ def main(argv=None) -> int:
                                                          f"train.threads={args.threads}"]
         cfg = load_config("moses", sets)
         run = out / method
-        if not (run / "model" / "config.json").exists():
-            print(f"== training {method} in {run}", file=sys.stderr)
-            train(cfg, run)
+        train_unless_done(cfg, run)
         torch.set_num_threads(args.threads)
         model = md4.load(run)
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -334,6 +335,16 @@ def _train(cfg: Config, run_dir: Path, progress: bool, par: distributed.Parallel
         checkpoint.save_model(model_dir, model_metadata(cfg, V, tok.name, tok.args()), states[1])
         plot_curves(run_dir)
     par.barrier()
+    return model_dir
+
+
+def train_unless_done(cfg: Config, out: str | Path) -> Path:
+    """The model folder of run `out`, training (or resuming) it first unless it has finished: for
+    benchmarks that compare several runs and may be re-run."""
+    model_dir = Path(out) / "model"
+    if not (model_dir / "config.json").exists():
+        print(f"== training {cfg.method} in {out}", file=sys.stderr)
+        train(cfg, out)
     return model_dir
 
 

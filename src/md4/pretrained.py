@@ -10,6 +10,7 @@ This module does not import the training code.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Pretrained:
     net: Backbone
     tokenizer: object
     source: Path
+    finite_checked: bool = dataclasses.field(default=False, repr=False)  # check_finite passed once (weights fixed)
 
     @property
     def diffusion(self) -> Method:
@@ -81,11 +83,14 @@ class Pretrained:
     def check_finite(self) -> None:
         """UserError unless the network's logits for one fully masked sequence (t = 1, no label) are
         finite: with weights that overflow, every sampler would draw the same token everywhere,
-        silently. One forward pass of one sequence."""
+        silently. One forward pass of one sequence, once per loaded model."""
+        if self.finite_checked:
+            return
         x = torch.full((1, self.length), self.method.mask_id, device=self.device)
         if not torch.isfinite(self.net(x, torch.ones(1, device=self.device))).all():
             raise UserError(f"Model {self.source} predicts non-finite logits for a fully masked sequence; "
                             f"its weights overflow or are damaged.")
+        self.finite_checked = True
 
     def sample(self, num: int, steps: int | None = None, grid: str | None = None, length: int | None = None,
                seed: int = 0, progress: bool = False, labels=None, guidance: float = 0.0,

@@ -76,9 +76,9 @@ def context():
     return _context
 
 
-def _child(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
+def _child(argv: list[str], env: dict, cwd: str, out: str, err: str, script: str | None) -> None:
     """In the forked process: the command line's environment, folder, argv and file descriptors,
-    then md4's __main__ (its SystemExit is the exit status)."""
+    then md4's __main__ or `script` (its SystemExit is the exit status)."""
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_TRUNC)
         os.dup2(f, fd)
@@ -87,15 +87,20 @@ def _child(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    sys.argv = ["md4", *argv]
-    runpy.run_module("md4", run_name="__main__", alter_sys=True)
+    sys.argv = [script or "md4", *argv]
+    if script:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+        runpy.run_path(script, run_name="__main__")
+    else:
+        runpy.run_module("md4", run_name="__main__", alter_sys=True)
 
 
 class Proc:
-    """The parts of subprocess.Popen the tests use, for one forked `md4` process (text mode)."""
+    """The parts of subprocess.Popen the tests use, for one forked `md4` process (text mode), or
+    `python SCRIPT *argv` with `script`."""
 
-    def __init__(self, argv: list[str], env: dict | None = None, cwd=None):
-        self.args = ["md4", *argv]
+    def __init__(self, argv: list[str], env: dict | None = None, cwd=None, script=None):
+        self.args = [str(script or "md4"), *argv]
         fd_out, self._out = tempfile.mkstemp(prefix="md4proc-", suffix=".out")
         fd_err, self._err = tempfile.mkstemp(prefix="md4proc-", suffix=".err")
         os.close(fd_out)
@@ -103,7 +108,7 @@ class Proc:
         env = dict(os.environ if env is None else env)
         env.pop("MD4PROC_SERVER", None)
         self._proc = context().Process(target=_child, args=(list(argv), env, str(cwd or os.getcwd()), self._out,
-                                                            self._err), daemon=False)
+                                                            self._err, script and str(script)), daemon=False)
         self._proc.start()
         self.pid = self._proc.pid
 
@@ -151,9 +156,9 @@ class Proc:
         return texts[0], texts[1]
 
 
-def start(argv: list[str], env: dict | None = None, cwd=None) -> Proc:
-    """`python -m md4 *argv`, forked from the server."""
-    return Proc(argv, env, cwd)
+def start(argv: list[str], env: dict | None = None, cwd=None, script=None) -> Proc:
+    """`python -m md4 *argv` (or `python SCRIPT *argv`), forked from the server."""
+    return Proc(argv, env, cwd, script)
 
 
 def free_port() -> int:
@@ -162,12 +167,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ranks(argv: list[str], world: int, env: dict | None = None) -> list[Proc]:
+def ranks(argv: list[str], world: int, env: dict | None = None, script=None) -> list[Proc]:
     """`world` processes of one job on this machine with torchrun's variables for each rank."""
     env = dict(os.environ if env is None else env)
     port = str(free_port())
     return [start(argv, {**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-                         "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+                         "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                  script=script)
             for r in range(world)]
 
 

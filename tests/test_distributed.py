@@ -2,10 +2,10 @@
 one step's loss and gradients equal one process's on the same global batch (DDP and FSDP2),
 whole runs match one process, and a 2-process run killed with SIGKILL resumes exactly.
 
-Each test runs torchrun once; the jobs that are killed and resumed are the 2 processes torchrun
-would start (its environment for each rank: tests/md4proc.py), forked from a server that has
-imported torch and md4, so that a job starts in milliseconds instead of ~10 CPU-seconds of
-imports. They must end bit-identical to the torchrun job, which checks that they are the same."""
+torchrun itself runs once (the DDP test's uninterrupted run); the other jobs are the 2 processes
+torchrun would start (its environment for each rank: tests/md4proc.py), forked from a server that
+has imported torch and md4, so that a job starts in milliseconds instead of ~10 CPU-seconds of
+imports. The DDP job killed and resumed that way must end bit-identical to the torchrun job."""
 
 import json
 import os
@@ -106,7 +106,7 @@ def test_one_step_loss_and_gradients_equal_one_process(tmp_path):
     every gradient equal those of one process computing the 4 chunks by hand (md4.distributed.chunk_seed).
     Two cases: MD4 on a token stream, and a class-conditional GenMD4 (its learnable schedule stays
     replicated under FSDP; two draws per sequence) on labelled rows, as images, with label dropout."""
-    finish(torchrun(str(TESTS / "dist_step_worker.py"), str(tmp_path)))
+    finish(*md4proc.ranks([str(tmp_path)], 2, env(), script=TESTS / "dist_step_worker.py"))
     torch.use_deterministic_algorithms(True)
     for suffix in ("", "_labels"):
         if suffix:
@@ -177,12 +177,13 @@ def test_ddp_run_matches_one_process_and_resumes_exactly_after_sigkill(tmp_path,
 
 @pytest.mark.slow
 def test_fsdp_run_matches_one_process_and_resumes(tmp_path, corpus):
-    """FSDP2 under torchrun: the same run as one process; its checkpoints (full state dicts gathered to rank 0)
-    load back into a sharded model, and resuming from one gives the uninterrupted run bit for bit."""
+    """FSDP2 with 2 processes (as torchrun starts them; the DDP test runs torchrun itself): the same run as one
+    process; its checkpoints (full state dicts gathered to rank 0) load back into a sharded model, and resuming
+    from one gives the uninterrupted run bit for bit."""
     sets = [f"data.corpus={corpus}", "train.steps=12", "train.batch_size=8", "train.micro_batch=4",
             "train.parallel=fsdp", "train.log_every=1", "train.eval_every=6", "train.ckpt_every=4", "train.keep=0"]
     run, resumed, single = tmp_path / "fsdp", tmp_path / "resumed", tmp_path / "single"
-    finish(torchrun(*train_args(run, sets)))
+    finish(*ranks(run, sets))
     train(load_config("tiny", sets), single, progress=False)
     assert_close_runs(run, single)
 

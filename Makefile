@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.md4-installed
 
-.PHONY: demo test test-judge test-extras bench clean
+.PHONY: demo test test-heavy test-judge test-extras bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the tests marked heavy, which `make test` leaves out (pyproject.toml: -m 'not heavy'): minutes of CPU
+# on a slow 2-core machine, e.g. torch.compile's inductor building C++ kernels (needs g++)
+test-heavy: $(STAMP)
+	$(BIN)/python -m pytest -q -m heavy
 
 # the judge test (generative perplexity) needs transformers and the offline SmolLM2 judge, about
 # 250 MB that `make test` does not install; loading the judge takes about a minute, so `make test`

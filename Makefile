@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.md4-installed
 
-.PHONY: demo test test-heavy test-judge test-extras bench clean
+.PHONY: demo test test-heavy test-no-bf16 test-judge test-extras bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 # on a slow 2-core machine, e.g. torch.compile's inductor building C++ kernels (needs g++)
 test-heavy: $(STAMP)
 	$(BIN)/python -m pytest -q -m heavy
+
+# the suite as on a CPU without native bf16 (AVX2-only, e.g. AMD EPYC), where train.bf16=auto trains in
+# fp32: every Python process started reads /proc/cpuinfo without the bf16 flags (tests/no_bf16)
+test-no-bf16: $(STAMP)
+	PYTHONPATH="$(CURDIR)/tests/no_bf16$${PYTHONPATH:+:$$PYTHONPATH}" $(BIN)/python -m pytest -q
 
 # the judge test (generative perplexity) needs transformers and the offline SmolLM2 judge, about
 # 250 MB that `make test` does not install; loading the judge takes about a minute, so `make test`

@@ -211,3 +211,32 @@ def test_micro_batch_must_divide_the_batch(tmp_path, corpus):
     cfg = load_config("tiny", [f"data.corpus={corpus}", "train.parallel=zero3"])
     with pytest.raises(UserError, match="train.parallel"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_with_one_process_still_wraps_the_model(monkeypatch, mode):
+    """torchrun --nproc-per-node 1 (one GPU checking the DDP and FSDP paths) must not fall back to
+    the plain single-process step: the process group exists and the loss module is wrapped."""
+    import torch.distributed as dist
+
+    from md4.distributed import setup
+
+    port = md4proc.free_port()
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    par = setup(mode, "cpu")
+    try:
+        assert par.active and par.world == 1 and par.mode == mode and dist.is_initialized()
+        model, ema = worker.build(), worker.build()
+        wrapped = par.wrap(model, ema)
+        if mode == "ddp":
+            assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        else:
+            from torch.distributed.fsdp import FSDPModule
+            assert isinstance(model.net, FSDPModule)
+    finally:
+        par.close()
+    assert not dist.is_initialized()
+    monkeypatch.delenv("RANK")
+    assert not setup(mode, "cpu").active  # no torchrun environment: the plain step

@@ -19,7 +19,10 @@ with more context: a heuristic, not the model's law. Schedules for sigma (`remas
     conf      sigma^l = eta sigma_max softmax_l(-psi^l)                 0 <= eta <= 1
               over the revealed generated positions l of a sample, psi^l the probability of the
               token when it was revealed (untruncated prediction): the least confident are
-              remasked first; masked positions take sigma = 0. The paper's setting is eta = 1.
+              remasked first. The paper's setting is eta = 1. Masked positions take the mean sigma
+              of the revealed ones in their reveal probability, so that as many tokens are revealed
+              as remasked on average (the reference code gives them sigma = 0, which lets the masked
+              fraction drift above the schedule's; both are heuristics).
     loop      sampling time u walks the grid; the model's time is tau(u):
                 u >= t_on:         tau from 1 down to tau_on, where alpha_{tau_on} = alpha_on (MD4 steps)
                 t_off <= u <= t_on:  tau = tau_on held: alpha_s = alpha_t = alpha_on, sigma = eta,
@@ -90,22 +93,25 @@ class Remasking:
         return torch.where(u >= self.t_on, early, torch.where(u <= self.t_off, late, tau_on))
 
     def sigma(self, a_t: torch.Tensor, a_s: torch.Tensor, revealed: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
-        """Remasking probabilities for the step with alphas a_t <= a_s (0-dim float64): [B, N]
-        float64, 0 outside `revealed` ([B, N] bool: revealed generated positions). psi [B, N]:
-        each position's confidence when it was revealed (conf)."""
+        """sigma for the step with alphas a_t <= a_s (0-dim float64) at each position: [B, N] float64.
+        `revealed` [B, N] bool: the revealed generated positions (the ones that may be remasked);
+        psi [B, N]: each position's confidence when it was revealed (conf). A masked position uses
+        sigma in its probability of being revealed; with conf it takes the mean sigma of the
+        revealed positions of its sample, so that as many are revealed as remasked on average."""
         sigma_max = torch.clamp((1 - a_s) / a_t, max=1.0)
+        if self.remask == "conf":  # softmax of -psi over the revealed positions of each sample
+            weight = torch.where(revealed, torch.exp(-psi), torch.zeros_like(psi))
+            total = weight.sum(-1, keepdim=True)
+            sigma = self.eta * sigma_max * weight / torch.where(total > 0, total, torch.ones_like(total))
+            mean = sigma.sum(-1, keepdim=True) / revealed.sum(-1, keepdim=True).clamp(min=1)
+            return torch.where(revealed, sigma, mean)
         if self.remask == "cap":
             sigma = torch.clamp(sigma_max, max=self.eta)
         elif self.remask == "rescale":
             sigma = self.eta * sigma_max
-        elif self.remask == "loop":
+        else:  # loop: remask only while alpha is held
             sigma = torch.tensor(self.eta if bool(a_s == a_t) else 0.0, dtype=torch.float64)
-        else:  # conf: softmax of -psi over the revealed positions of each sample
-            weight = torch.where(revealed, torch.exp(-psi), torch.zeros_like(psi))
-            total = weight.sum(-1, keepdim=True)
-            return self.eta * sigma_max * weight / torch.where(total > 0, total, torch.ones_like(total))
-        return torch.where(revealed, sigma.to(revealed.device), torch.zeros((), dtype=torch.float64,
-                                                                               device=revealed.device))
+        return sigma.to(revealed.device).expand(revealed.shape)
 
 
 class RemaskingStep:
@@ -125,11 +131,12 @@ class RemaskingStep:
         model = self.model
         a_t, a_s = (model.schedule.alpha(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
         masked = xt == model.mask_id
-        sigma = self.plan.sigma(a_t, a_s, self.free & ~masked, self.psi)
+        revealed = self.free & ~masked
+        sigma = self.plan.sigma(a_t, a_s, revealed, self.psi)
         p_reveal, token_logits = model.reveal(logits, t, s, truncate)
         p_reveal = p_reveal + sigma * (a_t / (1 - a_t)).to(sigma.device)
         u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
-        reveal, remask = masked & (u < p_reveal), ~masked & (u < sigma)
+        reveal, remask = masked & (u < p_reveal), revealed & (u < sigma)
         tokens = categorical(token_logits, generator)
         if self.plan.remask == "conf":
             p = torch.softmax(logits.double(), -1).gather(-1, tokens[..., None]).squeeze(-1)

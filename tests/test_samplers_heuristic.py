@@ -307,7 +307,7 @@ def test_prompt_guidance_moves_samples_towards_the_prompt():
     plain = sample(model, den, n, 4, steps=16, generator=seeded(16), known=known, known_mask=known_mask)
     guided = sample(model, Guided(den, None, 3.0), n, 4, steps=16, generator=seeded(16), known=known,
                     known_mask=known_mask)
-    assert score(guided) > score(plain) + 0.05
+    assert score(guided) > score(plain) + 0.2  # 0.17 -> 0.52 nats for w = 0 -> 3
 
 
 def test_guidance_without_label_or_prompt_is_a_user_error():

@@ -14,7 +14,7 @@ from md4.data.records import JOINERS
 from md4.data.zeroshot import ZERO_SHOT
 from md4.errors import UserError
 from md4.pictures import REGIONS
-from md4.remdm import DEFAULT_ETA
+from md4.remdm import DEFAULT_ETA, SCHEDULES
 from md4.reveal import ORDERS
 from md4.sampling import GRIDS, SAMPLERS
 
@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
                    help="confidence: reveal every masked position whose confidence exceeds TAU in [0, 1], at least "
                         "one per step, until none is left (the steps are as many as that takes: --steps and "
                         "--grid are not used); default: as many per step as the schedule expects")
-    o.add_argument("--remask", choices=list(DEFAULT_ETA), default=None,
+    o.add_argument("--remask", choices=list(SCHEDULES), default=None,
                    help="remdm: the remasking probability sigma of a revealed token per step: cap = min(eta, "
                         "sigma_max) (default), rescale = eta sigma_max, conf = eta sigma_max spread over the tokens "
                         "by low confidence, loop = eta while alpha is held at --alpha-on between --t-on and --t-off")

@@ -44,9 +44,10 @@ import torch
 from md4.categorical import categorical
 from md4.errors import UserError
 from md4.reveal import schedule_time
-from md4.truncation import Truncation
+from md4.truncation import NO_TRUNCATION, Truncation
 
 DEFAULT_ETA = {"cap": 0.02, "rescale": 0.02, "conf": 1.0, "loop": 0.02}
+FRACTION_ETA = ("rescale", "conf")  # schedules where eta scales sigma_max: at most 1
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ class Remasking:
     alpha_on: float = 0.9
 
     def __post_init__(self):
-        if self.remask not in DEFAULT_ETA:
-            raise UserError(f"Unknown ReMDM schedule {self.remask!r}; choose one of {', '.join(DEFAULT_ETA)}.")
+        if self.remask not in SCHEDULES:
+            raise UserError(f"Unknown ReMDM schedule {self.remask!r}; choose one of {', '.join(SCHEDULES)}.")
         for name in ("eta", "t_on", "t_off", "alpha_on"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -70,8 +71,8 @@ class Remasking:
         if self.eta is None:
             object.__setattr__(self, "eta", DEFAULT_ETA[self.remask])
         eta = self.eta
-        if not eta >= 0 or (self.remask in ("rescale", "conf") and eta > 1):  # `not >=` also rejects NaN
-            raise UserError(f"ReMDM's eta must be >= 0{' and <= 1' if self.remask in ('rescale', 'conf') else ''} "
+        if not eta >= 0 or (self.remask in FRACTION_ETA and eta > 1):  # `not >=` also rejects NaN
+            raise UserError(f"ReMDM's eta must be >= 0{' and <= 1' if self.remask in FRACTION_ETA else ''} "
                             f"for {self.remask}, got {eta}.")
         if self.remask == "loop":
             if not 0 <= self.t_off < self.t_on < 1:
@@ -96,22 +97,41 @@ class Remasking:
         """sigma for the step with alphas a_t <= a_s (0-dim float64) at each position: [B, N] float64.
         `revealed` [B, N] bool: the revealed generated positions (the ones that may be remasked);
         psi [B, N]: each position's confidence when it was revealed (conf). A masked position uses
-        sigma in its probability of being revealed; with conf it takes the mean sigma of the
-        revealed positions of its sample, so that as many are revealed as remasked on average."""
+        sigma in its probability of being revealed."""
         sigma_max = torch.clamp((1 - a_s) / a_t, max=1.0)
-        if self.remask == "conf":  # softmax of -psi over the revealed positions of each sample
-            weight = torch.where(revealed, torch.exp(-psi), torch.zeros_like(psi))
-            total = weight.sum(-1, keepdim=True)
-            sigma = self.eta * sigma_max * weight / torch.where(total > 0, total, torch.ones_like(total))
-            mean = sigma.sum(-1, keepdim=True) / revealed.sum(-1, keepdim=True).clamp(min=1)
-            return torch.where(revealed, sigma, mean)
-        if self.remask == "cap":
-            sigma = torch.clamp(sigma_max, max=self.eta)
-        elif self.remask == "rescale":
-            sigma = self.eta * sigma_max
-        else:  # loop: remask only while alpha is held
-            sigma = torch.tensor(self.eta if bool(a_s == a_t) else 0.0, dtype=torch.float64)
-        return sigma.to(revealed.device).expand(revealed.shape)
+        return SCHEDULES[self.remask](self.eta, sigma_max, a_t == a_s, revealed, psi)
+
+
+def everywhere(sigma: torch.Tensor, revealed: torch.Tensor) -> torch.Tensor:
+    """One sigma (0-dim) for every position: [B, N]."""
+    return sigma.to(revealed.device).expand(revealed.shape)
+
+
+def cap(eta, sigma_max, held, revealed, psi):
+    return everywhere(torch.clamp(sigma_max, max=eta), revealed)
+
+
+def rescale(eta, sigma_max, held, revealed, psi):
+    return everywhere(eta * sigma_max, revealed)
+
+
+def loop(eta, sigma_max, held, revealed, psi):
+    """eta while alpha is held (alpha_s = alpha_t), else 0."""
+    return everywhere(torch.tensor(eta if bool(held) else 0.0, dtype=torch.float64), revealed)
+
+
+def conf(eta, sigma_max, held, revealed, psi):
+    """eta sigma_max softmax(-psi) over the revealed positions of each sample; masked positions take
+    the mean sigma of the revealed ones, so that as many are revealed as remasked on average."""
+    weight = torch.where(revealed, torch.exp(-psi), torch.zeros_like(psi))
+    total = weight.sum(-1, keepdim=True)
+    sigma = eta * sigma_max * weight / torch.where(total > 0, total, torch.ones_like(total))
+    mean = sigma.sum(-1, keepdim=True) / revealed.sum(-1, keepdim=True).clamp(min=1)
+    return torch.where(revealed, sigma, mean)
+
+
+# sigma schedules: (eta, sigma_max 0-dim, alpha held (0-dim bool), revealed [B, N], psi [B, N]) -> [B, N]
+SCHEDULES = {"cap": cap, "rescale": rescale, "conf": conf, "loop": loop}
 
 
 class RemaskingStep:
@@ -127,7 +147,7 @@ class RemaskingStep:
         self.psi = torch.zeros(free.shape, dtype=torch.float64, device=free.device)  # confidence at reveal (conf)
 
     def __call__(self, xt: torch.Tensor, logits: torch.Tensor, t: float, s: float, generator=None,
-                 truncate: Truncation | None = None) -> torch.Tensor:
+                 truncate: Truncation = NO_TRUNCATION) -> torch.Tensor:
         model = self.model
         a_t, a_s = (model.schedule.alpha(torch.tensor(v, dtype=torch.float64)) for v in (t, s))
         masked = xt == model.mask_id

@@ -152,8 +152,8 @@ def confidence(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=N
         tokens = categorical(truncate(raw), generator)
         conf = score(torch.softmax(raw.double(), -1), tokens)
         conf = torch.where(sub_masked, conf, torch.full_like(conf, -1.0))
-        order = conf.argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(N, device=x.device).expand_as(order))
+        ranked = conf.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(N, device=x.device).expand_as(ranked))
         chosen = rank < k[:, None] if k is not None else (conf > threshold) | (rank == 0)
         x[rows] = torch.where(sub_masked & chosen, tokens, sub)
 

@@ -1,4 +1,5 @@
-"""Samplers that decide up front, or by confidence, when each position is revealed.
+"""Samplers that decide up front (`jump`, exact), or by confidence (`confidence`, a heuristic),
+when each position is revealed.
 
 Both use MD4's token-independent schedule through its survival function: a position masked at
 t = 1 is still masked at grid time t(j) with probability
@@ -6,7 +7,10 @@ t = 1 is still masked at grid time t(j) with probability
     S_j = (1 - alpha_{t(j)}) / (1 - alpha_1),    j = 0..T,  S_T = 1,
 
 (the jump-time view of shared/MATH.md: the reveal decisions of the ancestral sampler do not
-depend on the tokens, so each position's reveal step can be drawn before anything else).
+depend on the tokens, so each position's reveal step can be drawn before anything else), and
+its inverse `schedule_time` (the time of a given alpha: confidence with a threshold, ReMDM-loop).
+Confidence orders (ORDERS) score a masked position's candidate token from the untruncated
+prediction: top (its probability), margin (p1 - p2), entropy (exp(-entropy)).
 """
 
 from __future__ import annotations

@@ -52,11 +52,14 @@ def cmd_eval(args) -> None:
         print(json.dumps(results) if args.json else eval_table(results))
 
 
+# `md4 sample` flags of the samplers' options (md4.sampling.sampler_options), in `options`
+SAMPLER_FLAGS = ("--order", "--threshold", "--remask", "--eta", "--t-on", "--t-off", "--alpha-on")
 # `md4 sample` options that only one kind of model uses: given to the other kind, they are refused
 TEXT_OPTIONS = ("--prompt", "--infill", "--length", "--sampler", "--temperature", "--top-k", "--top-p", "--block",
-                "--judge")
+                "--judge") + SAMPLER_FLAGS
 IMAGE_OPTIONS = ("--out", "--inpaint", "--region")
-MASKED_OPTIONS = ("--sampler", "--temperature", "--top-k", "--top-p", "--block", "--prompt", "--infill", "--trace")
+MASKED_OPTIONS = ("--sampler", "--temperature", "--top-k", "--top-p", "--block", "--prompt", "--infill", "--trace",
+                  "--guidance") + SAMPLER_FLAGS
 
 
 def check_counts(args, **lowest) -> None:
@@ -148,7 +151,7 @@ def cmd_genppl(args) -> None:
 def sampling_options(args, model) -> tuple[dict, object]:
     """model.sample keyword arguments from `md4 sample`'s options, and the trace recorder (or None)."""
     from md4.conditional import text_condition
-    from md4.sampling import check_sampler
+    from md4.sampling import check_options, check_sampler
     from md4.trace import Recorder, check_path
 
     if not model.method.reverse_process:  # e.g. the AR baseline: its own sampler, no options
@@ -157,8 +160,10 @@ def sampling_options(args, model) -> tuple[dict, object]:
             raise UserError(f"{only_for(asked)} to masked diffusion models, not to {model.config.method}.")
         return {}, None
     check_sampler(model.method, args.sampler, time_independent=not model.net.uses_time)  # before any work
+    names = [flag[2:].replace("-", "_") for flag in given(args, SAMPLER_FLAGS)]
+    options = {name: getattr(args, name) for name in names}
     kwargs = {"sampler": args.sampler, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-              "block": args.block}
+              "block": args.block, "options": check_options(args.sampler, options)}
     if args.prompt is not None and args.infill is not None:
         raise UserError("Give either --prompt or --infill, not both.")
     if args.prompt is not None:  # the text starts the sequence; the rest of the length is generated

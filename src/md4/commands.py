@@ -247,13 +247,13 @@ def cmd_data_prepare(args) -> None:
 
     if args.records and args.table:
         raise UserError("Give either --records or --table, not both.")
+    table_only = [] if args.table else given(args, ["--object", "--bins"])
+    if table_only:
+        raise UserError(f"{only_for(table_only)} to --table only.")
     if args.records:
         return cmd_prepare_records(args)
     if args.table:
         return cmd_prepare_table(args)
-    table_only = given(args, ["--object", "--bins"])
-    if table_only:
-        raise UserError(f"{only_for(table_only)} to --table only.")
     meta = prepare(args.inputs, args.out, hf=args.hf, hf_split=args.hf_split, text_field=args.text_field,
                    valid=args.valid, test=args.test or 0.0, tokenizer=args.tokenizer, workers=args.workers,
                    piece_chars=args.piece_chars, shard_tokens=args.shard_tokens, max_documents=args.max_documents,
@@ -332,7 +332,11 @@ def cmd_impute(args) -> None:
         if raw is None:
             raise UserError("--out writes the filled rows of a file given with --rows FILE.")
         write_filled(args.out, tok, rows, preds[next(iter(preds))], raw)
-    print(json.dumps(report) if args.json else format_report(report, tok.names))
+    if report["hidden"]:
+        print(json.dumps(report) if args.json else format_report(report, tok.names))
+    else:
+        print(f"filled {int((rows == tok.mask_id).sum())} missing cells of {len(rows)} rows"
+              + (f"; written to {args.out}" if args.out else "; write them with --out"))
 
 
 def cmd_inspect(args) -> None:

@@ -330,7 +330,7 @@ def test_prepare_train_impute_sample(tmp_path, capsys):
         capsys.readouterr()
         assert main(["impute", str(run), "--rows", "valid", "--draws", "2", "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
-        names = {"md4": ["md4", "majority"], "ar": ["ar-prefix", "ar-weighted", "majority"]}[method]
+        names = {"md4": ["md4", "md4-one-pass", "majority"], "ar": ["ar-prefix", "ar-weighted", "majority"]}[method]
         assert list(report["methods"]) == names
         for r in report["methods"].values():
             assert 0 <= r["overall"]["accuracy"] <= 1 and r["overall"]["cells"] == report["hidden"] > 0

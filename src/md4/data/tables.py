@@ -520,7 +520,8 @@ def impute_rows(model, rows: torch.Tensor, hidden: torch.Tensor, draws: int = 8,
                 seed: int = 0) -> dict[str, torch.Tensor]:
     """Predictions [M, N] of the hidden cells (the others are the rows' own), by name:
     a masked diffusion model gives "md4" (the mode of `draws` infilled completions, `steps` steps,
-    default N); an AR model gives "ar-prefix" (the mode of its draws, each cell conditioned on
+    default N) and "md4-one-pass" (one_pass: each cell's most likely value given the observed
+    cells, the cells filled independently); an AR model gives "ar-prefix" (the mode of its draws, each cell conditioned on
     the cells before it) and "ar-weighted" (importance-weighted: on all observed cells)."""
     if model.method.causal:
         x, logw = ar_draws(model, rows, hidden, draws, seed)
@@ -530,11 +531,27 @@ def impute_rows(model, rows: torch.Tensor, hidden: torch.Tensor, draws: int = 8,
         ess = (1.0 / (w ** 2).sum(-1)).mean().item()
         return {k: torch.where(hidden, v, rows) for k, v in out.items()} | {"ess": torch.tensor(ess)}
     x = md4_draws(model, rows, hidden, draws, steps or rows.shape[1], seed)
-    return {"md4": torch.where(hidden, mode(x, model.tokenizer.vocab_size), rows)}
+    return {"md4": torch.where(hidden, mode(x, model.tokenizer.vocab_size), rows),
+            "md4-one-pass": torch.where(hidden, one_pass(model, rows, hidden), rows)}
+
+
+@torch.no_grad()
+def one_pass(model, rows: torch.Tensor, hidden: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """[M, N]: the most likely value of every hidden cell under the denoiser's prediction given
+    all observed cells at once, p(x_n | observed) (one network call; t = the row's hidden
+    fraction, the masking level of the linear schedule)."""
+    denoiser = FillDenoiser(model.net, model.tokenizer)
+    out = []
+    for i in range(0, len(rows), batch):
+        x, h = rows[i: i + batch].to(model.device), hidden[i: i + batch].to(model.device)
+        xt = torch.where(h, model.method.mask_id, x)
+        out.append(denoiser(xt, h.float().mean(-1)).argmax(-1).cpu())
+    return torch.cat(out)
 
 
 def accuracy(pred: torch.Tensor, rows: torch.Tensor, hidden: torch.Tensor, tokenizer: TableTokenizer) -> dict:
-    """Accuracy over the hidden cells ± binomial SE, per column and overall (numeric: bin accuracy)."""
+    """Accuracy over the hidden cells ± binomial SE, overall, by kind of column (numeric: binned;
+    columns with few values count as categorical) and per column (numeric: bin accuracy)."""
     correct = (pred == rows) & hidden
 
     def stat(c, h):
@@ -542,7 +559,9 @@ def accuracy(pred: torch.Tensor, rows: torch.Tensor, hidden: torch.Tensor, token
         p = float(c.sum()) / n if n else math.nan
         return {"accuracy": p, "se": math.sqrt(p * (1 - p) / n) if n else math.nan, "cells": n}
 
+    kinds = np.asarray([c["kind"] == "numeric" and "numeric" or "categorical" for c in tokenizer.columns])
     return {"overall": stat(correct, hidden),
+            "kinds": {kind: stat(correct[:, kinds == kind], hidden[:, kinds == kind]) for kind in KINDS},
             "columns": {name: stat(correct[:, k], hidden[:, k]) for k, name in enumerate(tokenizer.names)}}
 
 

@@ -322,6 +322,8 @@ def test_prepare_train_impute_sample(tmp_path, capsys):
     assert meta["columns"][2]["values"][-1] == MISSING
     corpus = load_corpus(str(out), min_length=4)
     assert sum(len(corpus.split(s)) for s in ("train", "valid", "test")) == 240
+    first = next(csv.reader(corpus.records("train")[:1]))
+    assert len(first) == 4 and first[0] in ("red", "green", "blue") and first[3] in ("yes", "no")
     for method in ("md4", "ar"):
         run = tmp_path / method
         assert main(["train", "--config", "tiny", "--out", str(run), "--set", f"data.corpus={out}",

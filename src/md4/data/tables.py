@@ -42,14 +42,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from md4.data.corpus import SPLITS, Splits
+from md4.data.corpus import SPLITS
 from md4.data.rdata import Column, data_frame, is_r_file, read_r, shown
+from md4.data.records import RecordCorpus, folder_format
 from md4.errors import UserError
 
 FORMAT = "md4-table"
@@ -367,26 +367,13 @@ def describe(meta: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- loading
-@dataclass(repr=False, eq=False)
-class TableCorpus(Splits):
-    """Splits as rows [M, N] of ids, one position per column."""
-
-    train: np.ndarray
-    valid: np.ndarray
-    test: np.ndarray
-    tokenizer: TableTokenizer
-    name: str
-
-    def __repr__(self) -> str:
-        return f"TableCorpus({self.name!r}, {self.tokenizer}, {self.sizes()})"
+class TableCorpus(RecordCorpus):
+    """Splits as rows [M, N] of ids, one position per column; `records(split)` decodes them as
+    CSV lines."""
 
 
 def is_table(path: str | Path) -> bool:
-    meta = Path(path).expanduser() / META
-    try:
-        return meta.is_file() and json.loads(meta.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
+    return folder_format(path) == FORMAT
 
 
 def load_table(folder: str | Path, *, min_length: int | None = None) -> TableCorpus:

@@ -359,6 +359,21 @@ def test_prepare_train_impute_sample(tmp_path, capsys):
         assert s.startswith("blue,") and s.endswith(",no")
 
 
+def test_genmd4_schedules_are_per_column_value(tmp_path, capsys):
+    """GenMD4 learns one exponent per id; the ids of different columns are disjoint, so `md4
+    inspect` lists one schedule per column=value."""
+    src = table_csv(tmp_path / "t.csv", n=60)
+    assert main(["data", "prepare", str(src), "--table", "--bins", "4", "--out", str(tmp_path / "p")]) == 0
+    assert main(["train", "--config", "tiny", "--out", str(tmp_path / "g"), "--set", f"data.corpus={tmp_path / 'p'}",
+                 "--set", "data.length=4", "--set", "train.steps=2", "--set", "method=genmd4",
+                 "--set", "model.time_cond=true", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "g"), "--out", str(tmp_path / "w.png"), "--json"]) == 0
+    labels = [r["token"] for r in json.loads(capsys.readouterr().out)["order"]]
+    tok = TableTokenizer(json.loads((tmp_path / "p" / "meta.json").read_text())["columns"])
+    assert sorted(labels) == sorted(f"{c['name']}={v}".replace(" ", "␣") for c in tok.columns for v in c["values"])
+
+
 def test_bad_tables(tmp_path, capsys):
     def prepare(path, *more):
         return ["data", "prepare", path, "--table", "--out", tmp_path / "o", *more]

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["md4", "ar"])
     p.add_argument("--minutes", type=float, default=10, help="training time of each method")
     p.add_argument("--hide", type=float, default=0.3)
-    p.add_argument("--draws", type=int, default=16)
+    p.add_argument("--draws", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="a tiny model and a few steps (a smoke test)")

@@ -446,13 +446,17 @@ def mode(draws: torch.Tensor, vocab_size: int, weights: torch.Tensor | None = No
 def md4_draws(model, rows: torch.Tensor, hidden: torch.Tensor, draws: int, steps: int, seed: int,
               batch: int = 256) -> torch.Tensor:
     """[M, draws, N]: completions of each row's hidden cells by infilling (md4.sampling.sample
-    with known = the row, known_mask = ~hidden), NA excluded at the filled cells."""
+    with known = the row, known_mask = ~hidden), NA excluded at the filled cells; the `cached`
+    sampler when the network ignores t (the same chain as `ancestral`, fewer network calls)."""
+    from md4.sampling import ignores_time
+
     denoiser = FillDenoiser(model.net, model.tokenizer)
+    sampler = "cached" if ignores_time(denoiser) else "ancestral"  # the same chain, fewer network calls
     g = torch.Generator(model.device).manual_seed(seed)
     known = rows.repeat_interleave(draws, 0).to(model.device)
     mask = (~hidden).repeat_interleave(draws, 0).to(model.device)
     out = [model.method.sample(denoiser, len(known[i: i + batch]), rows.shape[1], steps=steps, grid="cosine",
-                               generator=g, device=model.device, known=known[i: i + batch],
+                               generator=g, device=model.device, sampler=sampler, known=known[i: i + batch],
                                known_mask=mask[i: i + batch]).cpu()
            for i in range(0, len(known), batch)]
     return torch.cat(out).view(len(rows), draws, -1)

@@ -37,7 +37,7 @@ from md4.data import load_corpus
 from md4.data.tables import META, hide_cells, impute_report, is_table, prepare_table
 from md4.train import train_unless_done
 
-MODEL = ["model.dim=128", "model.layers=4", "model.heads=4", "model.mlp_ratio=4.0", "model.cond_dim=64",
+MODEL = ["model.dim=128", "model.layers=3", "model.heads=4", "model.mlp_ratio=4.0", "model.cond_dim=64",
          "model.dropout=0.1", "model.time_cond=false", "train.batch_size=64", "train.lr=1e-3", "train.warmup=200",
          "train.min_lr_ratio=0.05", "train.weight_decay=0.01", "train.ema=0.999", "train.steps=1000000",
          "train.eval_every=500", "train.ckpt_every=500", "train.log_every=50", "train.eval_batches=4"]
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["md4", "ar"])
     p.add_argument("--minutes", type=float, default=10, help="training time of each method")
     p.add_argument("--hide", type=float, default=0.3)
-    p.add_argument("--draws", type=int, default=8)
+    p.add_argument("--draws", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="a tiny model and a few steps (a smoke test)")

@@ -95,18 +95,32 @@ def main(argv=None) -> int:
     return 0
 
 
+def pooled(method: dict, names: list[str]) -> dict:
+    """Accuracy ± binomial SE over the hidden cells of the columns `names`."""
+    cells = sum(method["columns"][k]["cells"] for k in names)
+    right = sum(method["columns"][k]["accuracy"] * method["columns"][k]["cells"] for k in names
+                if method["columns"][k]["cells"])
+    p = right / cells if cells else float("nan")
+    return {"accuracy": p, "se": (p * (1 - p) / cells) ** 0.5 if cells else float("nan"), "cells": cells}
+
+
 def table_md(report: dict) -> str:
-    """Overall and by kind of column, one row per method; then the runs."""
+    """Overall, by kind of column and by the columns' half of the row (AR sees only the cells
+    before a column), one row per method; then the runs."""
     def cell(s):
         return f"{s['accuracy']:.3f} ± {s['se']:.3f}" if s["cells"] else "-"
 
     any_method = next(iter(report["methods"].values()))
-    kinds = [k for k, s in any_method["kinds"].items() if s["cells"]]
+    names = list(any_method["columns"])
+    half = len(names) // 2
+    parts = {**{k: (lambda m, k=k: m["kinds"][k]) for k, s in any_method["kinds"].items() if s["cells"]},
+             f"columns 1-{half}": lambda m: pooled(m, names[:half]),
+             f"columns {half + 1}-{len(names)}": lambda m: pooled(m, names[half:])}
     lines = [f"| method | all cells ({any_method['overall']['cells']}) | "
-             + " | ".join(f"{k} ({any_method['kinds'][k]['cells']})" for k in kinds) + " |",
-             "|---|---:|" + "---:|" * len(kinds)]
+             + " | ".join(f"{k} ({get(any_method)['cells']})" for k, get in parts.items()) + " |",
+             "|---|---:|" + "---:|" * len(parts)]
     for name, m in report["methods"].items():
-        lines.append(f"| {name} | {cell(m['overall'])} | " + " | ".join(cell(m["kinds"][k]) for k in kinds) + " |")
+        lines.append(f"| {name} | {cell(m['overall'])} | " + " | ".join(cell(get(m)) for get in parts.values()) + " |")
     runs = "; ".join(f"{k}: {r['steps']} steps in {r['train_minutes']:.1f} min, imputation {r['impute_seconds']:.0f} s"
                      + (f", effective sample size {r['ess']:.2f} of {report['draws']}" if "ess" in r else "")
                      for k, r in report["runs"].items())

@@ -407,3 +407,22 @@ def test_read_table_csv(tmp_path):
     assert cols[1].values == ["a, b", None, "c"]
     with pytest.raises(UserError, match="--object names an R object"):
         read_table(tmp_path / "a.csv", "x")
+
+
+def test_bench_table_pools_columns():
+    """bench/imputation.py's table: accuracy pooled over the columns of each half of the row."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("imputation", Path(__file__).parents[1] / "bench" / "imputation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stat = [{"accuracy": 0.5, "se": 0.1, "cells": 10}, {"accuracy": 1.0, "se": 0.0, "cells": 30}]
+    method = {"overall": {"accuracy": 0.875, "se": 0.05, "cells": 40},
+              "kinds": {"categorical": {"accuracy": 0.875, "se": 0.05, "cells": 40},
+                        "numeric": {"accuracy": math.nan, "se": math.nan, "cells": 0}},
+              "columns": {"a": stat[0], "b": stat[1]}}
+    assert bench.pooled(method, ["a", "b"])["accuracy"] == pytest.approx(0.875)
+    table = bench.table_md({"methods": {"md4": method}, "runs": {}, "draws": 4})
+    assert "| md4 | 0.875 ± 0.050 | 0.875 ± 0.050 | 0.500 ± 0.158 | 1.000 ± 0.000 |" in table
+    assert "columns 1-1 (10)" in table and "numeric" not in table

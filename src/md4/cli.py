@@ -152,6 +152,23 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--field", help="--records: the JSONL field or CSV column of the records")
     q.add_argument("--symbols", default="chars", choices=list(JOINERS), help="--records: symbols of a record")
     q.add_argument("--max-length", type=int, default=0, help="--records: drop records longer than this (counted)")
+    q.add_argument("--table", action="store_true", help="a table: a CSV/TSV file or an R data frame (.rda, .rds, "
+                   "a package's data/Rdata.rdx), one position per column")
+    q.add_argument("--object", help="--table: the R object (data frame) to read")
+    q.add_argument("--bins", type=int, default=8, help="--table: quantile bins of numeric columns")
+
+    m = command(sub, "impute", commands.cmd_impute, "table models: fill hidden or missing cells, accuracy per "
+                                                    "column ± SE against the per-column majority")
+    model_args(m)
+    m.add_argument("--rows", default="test", help="a split of the model's table (train, valid, test) or a CSV / R "
+                                                  "file with its columns (missing cells are filled)")
+    m.add_argument("--object", help="--rows: the R object to read")
+    m.add_argument("--hide", type=float, default=0.3, help="fraction of known cells hidden at random and scored "
+                                                           "(0: only fill missing cells)")
+    m.add_argument("--draws", type=int, default=8, help="completions per row; the prediction is their mode")
+    m.add_argument("--steps", type=int, default=None, help="MD4 sampling steps (default: the number of columns)")
+    m.add_argument("--limit", type=int, default=0, help="only the first LIMIT rows (0 = all)")
+    m.add_argument("--out", help="--rows FILE: write the filled rows to this CSV")
 
     u = command(sub, "push", commands.cmd_push, "upload a run's model to the Hugging Face Hub with a generated "
                                                 "model card")

@@ -250,8 +250,15 @@ def cmd_demo(args) -> None:
 def cmd_data_prepare(args) -> None:
     from md4.data.prepare import prepare
 
+    if args.records and args.table:
+        raise UserError("Give either --records or --table, not both.")
+    table_only = [] if args.table else given(args, ["--object", "--bins"])
+    if table_only:
+        raise UserError(f"{only_for(table_only)} to --table only.")
     if args.records:
         return cmd_prepare_records(args)
+    if args.table:
+        return cmd_prepare_table(args)
     meta = prepare(args.inputs, args.out, hf=args.hf, hf_split=args.hf_split, text_field=args.text_field,
                    valid=args.valid, test=args.test or 0.0, tokenizer=args.tokenizer, workers=args.workers,
                    piece_chars=args.piece_chars, shard_tokens=args.shard_tokens, max_documents=args.max_documents,
@@ -273,6 +280,68 @@ def cmd_prepare_records(args) -> None:
     meta = prepare_records(args.inputs, args.out, field=args.field, symbols=args.symbols, max_length=args.max_length,
                            valid=valid, test=test)
     print(f"{args.out}: {describe(meta)}; train with --set data.corpus={args.out}")
+
+
+def cmd_prepare_table(args) -> None:
+    """`md4 data prepare FILE --table`: a CSV file or an R data frame -> a table folder."""
+    from md4.data.tables import describe, prepare_table
+
+    other = given(args, ["--hf", "--valid-docs", "--field", "--max-length"])
+    if other:
+        raise UserError(f"{', '.join(other)} prepare{'s' * (len(other) == 1)} other corpora, not --table.")
+    if len(args.inputs) != 1:
+        raise UserError(f"--table prepares one file, got {len(args.inputs)}.")
+    check_counts(args, bins=2)
+    valid, test = (0.05 if v is None else v for v in (args.valid, args.test))
+    meta = prepare_table(args.inputs[0], args.out, name=args.object, bins=args.bins, valid=valid, test=test)
+    print(f"{args.out}: {describe(meta)}; train with --set data.corpus={args.out} "
+          f"--set data.length={len(meta['columns'])}")
+
+
+def cmd_impute(args) -> None:
+    """`md4 impute RUN --rows test|valid|FILE --hide F`: hide cells at random, fill them (and a
+    file's missing cells) with the model, and report accuracy per column against the majority."""
+    import torch
+
+    import md4
+    from md4.data.corpora import load_corpus
+    from md4.data.tables import (TableTokenizer, format_report, hide_cells, impute_report, raw_cells, read_table,
+                                 write_filled)
+
+    torch_threads(args.threads)
+    check_counts(args, draws=1, steps=1, limit=0)
+    model = md4.load(args.path, device=args.device)
+    tok = model.tokenizer
+    if not isinstance(tok, TableTokenizer):
+        raise UserError(f"{args.path} models {tok.name} tokens; md4 impute fills cells of table models.")
+    corpus = load_corpus(model.config.data.corpus, min_length=model.length)
+    model.check_corpus(corpus)
+    if args.rows in ("train", "valid", "test"):
+        rows, raw = torch.as_tensor(corpus.split(args.rows).astype("int64")), None
+    else:
+        names, columns = read_table(args.rows, args.object)
+        rows = torch.as_tensor(tok.encode_table(names, columns, fill_missing=True))
+        raw = raw_cells(names, columns, tok.names)
+    if args.limit:
+        rows = rows[: args.limit]
+        raw = raw[: args.limit] if raw is not None else None
+    if args.hide:
+        hidden = hide_cells(rows, tok, args.hide, args.seed) & (rows != tok.mask_id)
+    else:
+        hidden = torch.zeros_like(rows, dtype=torch.bool)
+    if not (hidden | (rows == tok.mask_id)).any():
+        raise UserError("No cell to fill: the rows have no missing cell; hide some with --hide.")
+    report, preds = impute_report(model, rows, hidden, corpus.train, draws=args.draws, steps=args.steps,
+                                  seed=args.seed)
+    if args.out:
+        if raw is None:
+            raise UserError("--out writes the filled rows of a file given with --rows FILE.")
+        write_filled(args.out, tok, rows, preds[next(iter(preds))], raw)
+    if report["hidden"]:
+        print(json.dumps(report) if args.json else format_report(report, tok.names))
+    else:
+        print(f"filled {int((rows == tok.mask_id).sum())} missing cells of {len(rows)} rows"
+              + (f"; written to {args.out}" if args.out else "; write them with --out"))
 
 
 def cmd_inspect(args) -> None:

@@ -29,6 +29,7 @@ prepare` unless the source comes split (MOSES: its own test set, valid taken fro
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from dataclasses import dataclass
@@ -234,10 +235,32 @@ def read_jsonl(path: Path, field: str | None = None) -> Iterator[tuple[int, str]
         yield n, json_text(line, n, path, field or "text", "--field") if line.strip() else ""
 
 
+def read_csv(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line number, cells)]) of a CSV (a .tsv: tab-separated) file with a header line;
+    every row must have as many cells as the header."""
+    from md4.data.prepare import _open_text
+
+    path = Path(path)
+    delimiter = "\t" if path.name.removesuffix(".gz").endswith(".tsv") else ","
+    try:
+        with _open_text(path) as f:
+            rows = list(csv.reader(f, delimiter=delimiter))
+    except (OSError, csv.Error) as e:
+        raise UserError(f"Cannot read {path} as CSV ({e}).") from None
+    if not rows:
+        raise UserError(f"{path} is empty; a table needs a header line.")
+    header, out = rows[0], []
+    for n, row in enumerate(rows[1:], 2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise UserError(f"Line {n} of {path} has {len(row)} cells but the header has {len(header)}.")
+        out.append((n, row))
+    return header, out
+
+
 def read_column(path: Path, field: str | None = None) -> Iterator[tuple[int, str]]:
     """One column (--field) of a CSV / TSV file with a header line."""
-    from md4.data.tables import read_csv
-
     header, rows = read_csv(path)
     if field is None:
         raise UserError(f"{path} is a table; name the column of records with --field (one of {', '.join(header)}).")

@@ -2,7 +2,7 @@
 characters), sample, and compare the samples' composition and length distribution with the test
 sequences: OUT/peptides.json and OUT/peptides.png.
 
-    flock /work/cpu.lock python bench/peptide_stats.py PEPTIDES.fasta --out runs/peptides --minutes 10
+    flock /work/cpu.lock python bench/peptide_stats.py PEPTIDES.fasta --out runs/peptides --minutes 10 --max-length 128
     python bench/peptide_stats.py --tiny --out /tmp/peptides-tiny     # made-up peptides, a minute
 
 (PyPI `pepdata` downloads its IEDB peptides at run time, so it ships no sequences offline; use
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--steps", type=int, default=100, help="sampling steps")
+    p.add_argument("--max-length", type=int, default=0, help="drop sequences longer than this (0 = keep all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         p.error("name a FASTA file (or --tiny)")
     data = out / "data"
     if not is_records(data):
-        prepare_records([args.fasta], data, valid=0.05, test=0.05)
+        prepare_records([args.fasta], data, valid=0.05, test=0.05, max_length=args.max_length)
     lengths = np.concatenate([np.load(data / f"{s}_lengths.npy") for s in ("train", "valid", "test")])
     length = int(lengths.max()) + 1  # every record and its end token
     sets = (TINY if args.tiny else []) + [f"data.corpus={data}", f"data.length={length}",

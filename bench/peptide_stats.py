@@ -1,6 +1,7 @@
 """Peptides (issue 18): train MD4 on the sequences of a FASTA file (one record each, amino-acid
 characters), sample, and compare the samples' composition and length distribution with the test
-sequences: OUT/peptides.json and OUT/peptides.png.
+sequences (and, as the floor, the training sequences' distance from the test ones by the same
+measures): OUT/peptides.json and OUT/peptides.png.
 
     flock /work/cpu.lock python bench/peptide_stats.py PEPTIDES.fasta --out runs/peptides --minutes 10 --max-length 128
     python bench/peptide_stats.py --tiny --out /tmp/peptides-tiny     # made-up peptides, a minute
@@ -72,12 +73,18 @@ def main(argv=None) -> int:
     model = md4.load(run)
     samples = model.decode(torch.cat([model.sample(min(250, args.num - k), steps=args.steps, seed=k)
                                       for k in range(0, args.num, 250)]))
-    test = load_corpus(str(data), min_length=model.length).records("test")
+    corpus = load_corpus(str(data), min_length=model.length)
+    test = corpus.records("test")
     stats = compare_sequences(samples, test)
+    # the floor: how far the training sequences are from the test ones by the same measures
+    floor = compare_sequences(corpus.records("train"), test)
+    stats["train_vs_test"] = {"composition_tv": floor["composition_tv"], "length_ks": floor["length_ks"],
+                              "length_mean_train": floor["length_mean_samples"], "train": floor["samples"]}
     (out / "peptides.json").write_text(json.dumps(stats, indent=2) + "\n")
     plot_comparison(samples, test, out / "peptides.png", title=f"MD4 samples vs {Path(args.fasta).name} (test)")
     print(f"composition TV {stats['composition_tv']:.3f}; length mean {stats['length_mean_samples']:.1f} vs "
-          f"{stats['length_mean_data']:.1f}, KS {stats['length_ks']:.3f}; {out / 'peptides.png'}")
+          f"{stats['length_mean_data']:.1f}, KS {stats['length_ks']:.3f} (train vs test: TV "
+          f"{floor['composition_tv']:.3f}, KS {floor['length_ks']:.3f}); {out / 'peptides.png'}")
     return 0
 
 

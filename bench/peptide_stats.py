@@ -1,8 +1,9 @@
 """Peptides (issue 18): train MD4 on the sequences of a FASTA file (one record each, amino-acid
 characters), sample, and compare the samples' composition and length distribution with the test
-sequences: OUT/peptides.json and OUT/peptides.png.
+sequences (and, as the floor, the training sequences' distance from the test ones by the same
+measures): OUT/peptides.json and OUT/peptides.png.
 
-    flock /work/cpu.lock python bench/peptide_stats.py PEPTIDES.fasta --out runs/peptides --minutes 10
+    flock /work/cpu.lock python bench/peptide_stats.py PEPTIDES.fasta --out runs/peptides --minutes 10 --max-length 128
     python bench/peptide_stats.py --tiny --out /tmp/peptides-tiny     # made-up peptides, a minute
 
 (PyPI `pepdata` downloads its IEDB peptides at run time, so it ships no sequences offline; use
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--steps", type=int, default=100, help="sampling steps")
+    p.add_argument("--max-length", type=int, default=0, help="drop sequences longer than this (0 = keep all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
         p.error("name a FASTA file (or --tiny)")
     data = out / "data"
     if not is_records(data):
-        prepare_records([args.fasta], data, valid=0.05, test=0.05)
+        prepare_records([args.fasta], data, valid=0.05, test=0.05, max_length=args.max_length)
     lengths = np.concatenate([np.load(data / f"{s}_lengths.npy") for s in ("train", "valid", "test")])
     length = int(lengths.max()) + 1  # every record and its end token
     sets = (TINY if args.tiny else []) + [f"data.corpus={data}", f"data.length={length}",
@@ -71,12 +73,18 @@ def main(argv=None) -> int:
     model = md4.load(run)
     samples = model.decode(torch.cat([model.sample(min(250, args.num - k), steps=args.steps, seed=k)
                                       for k in range(0, args.num, 250)]))
-    test = load_corpus(str(data), min_length=model.length).records("test")
+    corpus = load_corpus(str(data), min_length=model.length)
+    test = corpus.records("test")
     stats = compare_sequences(samples, test)
+    # the floor: how far the training sequences are from the test ones by the same measures
+    floor = compare_sequences(corpus.records("train"), test)
+    stats["train_vs_test"] = {"composition_tv": floor["composition_tv"], "length_ks": floor["length_ks"],
+                              "length_mean_train": floor["length_mean_samples"], "train": floor["samples"]}
     (out / "peptides.json").write_text(json.dumps(stats, indent=2) + "\n")
     plot_comparison(samples, test, out / "peptides.png", title=f"MD4 samples vs {Path(args.fasta).name} (test)")
     print(f"composition TV {stats['composition_tv']:.3f}; length mean {stats['length_mean_samples']:.1f} vs "
-          f"{stats['length_mean_data']:.1f}, KS {stats['length_ks']:.3f}; {out / 'peptides.png'}")
+          f"{stats['length_mean_data']:.1f}, KS {stats['length_ks']:.3f} (train vs test: TV "
+          f"{floor['composition_tv']:.3f}, KS {floor['length_ks']:.3f}); {out / 'peptides.png'}")
     return 0
 
 

@@ -39,3 +39,30 @@ def test_metrics_known_answers():
     assert molecule_metrics(samples, reference=["OCC"])["novel"] == 1.0  # reference taken as given
     assert internal_diversity(["CCO", "OCC"]) == pytest.approx(0.0)  # the same molecule twice
     assert scaffold_kept(["c1ccccc1CC", "CCO", "C1CC"], "c1ccccc1") == 0.5  # of the two valid ones
+
+
+def test_moses_compare_reports_the_sampling_time_of_reused_samples(tmp_path):
+    """bench/moses_compare.py's draw(): a re-run that reuses samples.txt still reports what they cost."""
+    import importlib.util
+    import time
+    from pathlib import Path
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("moses_compare", Path(__file__).parents[1] / "bench" / "moses_compare.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    class Slow:  # 0.05 s a batch
+        def sample(self, k, steps, seed):
+            time.sleep(0.05)
+            return torch.arange(seed, seed + k)
+
+        def decode(self, x):
+            return [f"C{int(i)}" for i in x]
+
+    path = tmp_path / "samples.txt"
+    samples, per = bench.draw(Slow(), 4, 1, 2, path)
+    assert samples == ["C0", "C1", "C2", "C3"] and per >= 0.05 / 2
+    again, per_again = bench.draw(Slow(), 4, 1, 2, path)  # nothing drawn: the time is the first run's
+    assert again == samples and per_again == per

@@ -15,7 +15,7 @@ from md4.checkpoint import read_json
 from md4.cli import main
 from md4.config import load_config
 from md4.data import load_corpus
-from md4.data.records import EOS, PAD, RecordTokenizer, read_records, vocabulary
+from md4.data.records import EOS, PAD, RecordTokenizer, prepare_records, read_records, vocabulary
 from md4.errors import UserError
 from md4.evaluate import record_summary
 from md4.pretrained import read_model_config
@@ -171,6 +171,16 @@ def test_bad_records(tmp_path, capsys):
     assert sum(v["dropped_too_long"] for v in meta["splits"].values()) == 50
     assert load_corpus(str(tmp_path / "q"), min_length=12).train.shape[1] == 12
 
+
+def test_max_length_drops_before_the_vocabulary(tmp_path):
+    """A symbol that only dropped records use is not in the vocabulary (nor sampled)."""
+    (tmp_path / "p.fasta").write_text(">a\nMKV\n>b\nMKVW\nAAAA\n>c\nKVM\n")
+    meta = prepare_records([tmp_path / "p.fasta"], tmp_path / "p", valid=0, test=0, max_length=5)
+    assert meta["symbols"] == ["K", "M", "V"] and meta["splits"]["train"]["dropped_too_long"] == 1
+    assert meta["splits"]["train"]["records"] == 2 and meta["splits"]["train"]["symbols"] == 6
+    (tmp_path / "w.txt").write_text("x y\nx y z\n")
+    meta = prepare_records([tmp_path / "w.txt"], tmp_path / "w", symbols="words", valid=0, test=0, max_length=2)
+    assert meta["symbols"] == ["x", "y"] and meta["splits"]["train"]["records"] == 1
 
 def test_build_restricts_a_records_network_without_touching_it():
     """md4.build, given the tokenizer, adds the restriction (a forward hook; same weights and

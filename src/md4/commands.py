@@ -130,18 +130,21 @@ def cmd_sample(args) -> None:
 
 def cmd_genppl(args) -> None:
     import md4
-    from md4.evaluate import quality_table, reference_quality, sample_quality
+    from md4.evaluate import quality_table, reference_features, reference_quality, sample_quality
     from md4.judge import Judge
 
     torch_threads(args.threads)
     check_counts(args, num=1, steps=1)
     models = [md4.load(path, device=args.device) for path in args.path]
     judge = Judge.load(args.judge, device=args.device)
+    # MAUVE's real text: NUM test chunks of the (last) model's corpus, featurized once for all models
+    reference = None if args.no_mauve else reference_features(models[-1], judge, args.num, args.seed)
     results = []
     for model in models:
-        results.append(sample_quality(model, judge, args.num, args.steps, args.grid, args.seed, progress=not args.json))
+        results.append(sample_quality(model, judge, args.num, args.steps, args.grid, args.seed, progress=not args.json,
+                                      reference=reference))
     if args.reference:
-        results.append(reference_quality(model, judge, args.num, seed=args.seed))
+        results.append(reference_quality(model, judge, args.num, seed=args.seed, reference=reference))
     if args.json:
         print(json.dumps(results))
     else:

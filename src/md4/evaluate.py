@@ -7,6 +7,7 @@ NELBO / (N ln 2) and as perplexity exp(NELBO / N).
 
     r = evaluate_model(md4.load("runs/demo"), "test")      # a summary dict; format_eval(r) prints it
     q = sample_quality(model, Judge.load("smollm2"))       # generative perplexity of samples
+    q = sample_quality(model, judge, reference=reference_features(model, judge))   # and their MAUVE
 
 `md4 eval` and `md4 genppl` print these; benchmarks and notebooks call them directly.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -24,7 +26,8 @@ from md4.data.records import real_tokens
 from md4.data.zeroshot import ZERO_SHOT, eval_corpus
 from md4.errors import UserError
 from md4.guidance import with_labels
-from md4.judge import generative_perplexity
+from md4.judge import DISTINCT_N, generative_perplexity
+from md4.mauve import mauve
 
 
 @torch.no_grad()
@@ -174,35 +177,76 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 # ----------------------------------------------------------------------------- samples
 def sample_quality(model, judge, num: int = 64, steps: int | None = None, grid: str | None = None, seed: int = 0,
-                   batch_size: int = 16, progress: bool = True) -> dict:
-    """Draw `num` samples from a loaded model and score them with a loaded md4.judge.Judge."""
+                   batch_size: int = 16, progress: bool = True, reference=None) -> dict:
+    """Draw `num` samples from a loaded model and score them with a loaded md4.judge.Judge; with
+    `reference` (features of real text, `reference_features`) also their MAUVE against it."""
     t0 = time.time()
     x = model.sample(num, steps=steps, grid=grid, seed=seed, progress=progress)
     seconds = time.time() - t0
-    r = generative_perplexity(judge, model.decode(x), ids=x.cpu(), batch_size=batch_size, progress=progress)
+    r = text_quality(judge, model.decode(x), x.cpu(), reference, batch_size, seed, progress)
     exact = model.method.exact_likelihood
     steps, grid = model.schedule(steps, grid)
     return {"model": str(model.source), "method": model.config.method, "steps": model.length if exact else steps,
             "grid": "" if exact else grid, "sampling_seconds": seconds, **r}
 
 
-def reference_quality(model, judge, num: int = 64, batch_size: int = 16, seed: int = 0) -> dict:
-    """The same statistics for `num` random chunks of the model's test split (real text)."""
+def text_quality(judge, texts: list[str], ids=None, reference=None, batch_size: int = 16, seed: int = 0,
+                 progress: bool = False, boot: int = 50) -> dict:
+    """md4.judge.generative_perplexity of the texts and, given reference features [n_q, D], their
+    MAUVE against them with the judge as featurizer (md4.mauve; k-means seeded `seed`; SE from
+    `boot` bootstrap replicates)."""
+    r = generative_perplexity(judge, texts, ids=ids, batch_size=batch_size, progress=progress)
+    if reference is not None:
+        m = mauve(judge.features(texts, batch_size, progress).numpy(), reference, seed=seed, boot=boot)
+        r.update(mauve=m["mauve"], mauve_se=m["mauve_se"], mauve_clusters=m["clusters"], mauve_boot=m["boot"],
+                 mauve_reference=len(reference), featurizer=judge.feature_name)
+    return r
+
+
+def reference_chunks(model, num: int, seed: int = 0, skip: int = 0) -> torch.Tensor:
+    """Chunks skip .. skip + num - 1 of a random order (seeded) of the model's test split: [<= num, N]."""
     corpus = load_corpus(model.config.data.corpus, min_length=model.length)
     model.check_corpus(corpus)
     chunks = eval_chunks(corpus.test, model.length)
-    x = chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))[:num]]
-    r = generative_perplexity(judge, model.decode(x), ids=x, batch_size=batch_size)
+    return chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))[skip:skip + num]]
+
+
+def reference_features(model, judge, num: int = 64, seed: int = 0, batch_size: int = 16) -> np.ndarray:
+    """The judge's features [<= num, D] of the first `num` reference chunks (MAUVE's real text)."""
+    return judge.features(model.decode(reference_chunks(model, num, seed)), batch_size).numpy()
+
+
+def reference_quality(model, judge, num: int = 64, batch_size: int = 16, seed: int = 0, reference=None) -> dict:
+    """The same statistics for `num` random chunks of the model's test split (real text); with
+    `reference` (the features of the first `num` chunks) the next `num` chunks are scored, so their
+    MAUVE is that of real text against other real text at this size."""
+    x = reference_chunks(model, num, seed, skip=num if reference is not None else 0)
+    if not len(x):
+        raise UserError(f"The test split of {model.config.data.corpus} has too few chunks of {model.length} "
+                        f"tokens for two sets of {num}; lower --num.")
+    r = text_quality(judge, model.decode(x), x, reference, batch_size, seed)
     return {"model": f"data ({model.config.data.corpus} test)", "method": "-", "steps": 0, "grid": "",
             "sampling_seconds": 0.0, **r}
 
 
+def pm(r: dict, key: str, digits: int = 3) -> str:
+    """"value ± SE" of r[key] and r[key + "_se"]; "-" when r has no key."""
+    return f"{r[key]:.{digits}f} ± {r[key + '_se']:.{digits}f}" if key in r else "-"
+
+
 def quality_table(results: list[dict]) -> str:
-    """A markdown table of sample_quality / reference_quality results, one row each."""
+    """A markdown table of sample_quality / reference_quality results, one row each, under a line
+    naming the judge and MAUVE's featurizer."""
     judges = sorted({r["judge"] for r in results})
-    return f"judge: {', '.join(judges)}\n\n" + markdown_table(
-        ["model", "method", "steps", "#samples", "gen ppl", "judge bits/char", "unigram entropy (bits) ± SE",
-         "sampling s"],
+    head = f"judge: {', '.join(judges)}"
+    scored = [r for r in results if "mauve" in r]
+    if scored:
+        r = scored[0]
+        head += (f"; MAUVE featurizer: {r['featurizer']}, {r['mauve_clusters']} clusters, against "
+                 f"{r['mauve_reference']} test chunks, ± bootstrap SE ({r['mauve_boot']} replicates)")
+    return head + "\n\n" + markdown_table(
+        ["model", "method", "steps", "#samples", "gen ppl", "judge bits/char ± SE", "MAUVE ± SE",
+         "unigram entropy (bits) ± SE"] + [f"distinct-{n} ± SE" for n in DISTINCT_N] + ["sampling s"],
         [[r["model"], r["method"], r["steps"] or "-", r["samples"], f"{r['gen_ppl']:.2f}",
-          f"{r['judge_bits_per_char']:.3f}", f"{r['entropy_bits']:.3f} ± {r['entropy_bits_se']:.3f}",
-          f"{r['sampling_seconds']:.1f}"] for r in results])
+          pm(r, "judge_bits_per_char"), pm(r, "mauve"), pm(r, "entropy_bits")]
+         + [pm(r, f"distinct_{n}") for n in DISTINCT_N] + [f"{r['sampling_seconds']:.1f}"] for r in results])

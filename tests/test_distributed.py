@@ -1,11 +1,15 @@
 """Tests for md4.distributed on CPU with the gloo backend and 2 processes under torchrun:
 one step's loss and gradients equal one process's on the same global batch (DDP and FSDP2),
-whole runs match one process, and a 2-process run killed with SIGKILL resumes exactly."""
+whole runs match one process, and a 2-process run killed with SIGKILL resumes exactly.
+
+torchrun itself runs once (the DDP test's uninterrupted run); the other jobs are the 2 processes
+torchrun would start (its environment for each rank: tests/md4proc.py), forked from a server that
+has imported torch and md4, so that a job starts in milliseconds instead of ~10 CPU-seconds of
+imports. The DDP job killed and resumed that way must end bit-identical to the torchrun job."""
 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +31,8 @@ TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 sys.path.insert(0, str(TESTS))
 import dist_step_worker as worker  # noqa: E402
+import md4proc  # noqa: E402
+from md4proc import logged_step  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -45,9 +51,16 @@ def torchrun(*args: str, **kw) -> subprocess.Popen:
                             **kw)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 240) -> None:
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
+def finish(*procs, timeout: float = 240) -> None:
+    """Wait for a torchrun job (or the processes of a job) to end; each must succeed."""
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err[-3000:]
+
+
+def ranks(run: Path, sets: list[str]) -> list[md4proc.Proc]:
+    """The 2 processes `torchrun(*train_args(run, sets))` starts, without torchrun."""
+    return md4proc.ranks(train_args(run, sets)[2:], 2, env())
 
 
 def train_args(run: Path, sets: list[str]) -> list[str]:
@@ -93,7 +106,7 @@ def test_one_step_loss_and_gradients_equal_one_process(tmp_path):
     every gradient equal those of one process computing the 4 chunks by hand (md4.distributed.chunk_seed).
     Two cases: MD4 on a token stream, and a class-conditional GenMD4 (its learnable schedule stays
     replicated under FSDP; two draws per sequence) on labelled rows, as images, with label dropout."""
-    finish(torchrun(str(TESTS / "dist_step_worker.py"), str(tmp_path)))
+    finish(*md4proc.ranks([str(tmp_path)], 2, env(), script=TESTS / "dist_step_worker.py"))
     torch.use_deterministic_algorithms(True)
     for suffix in ("", "_labels"):
         if suffix:
@@ -128,52 +141,12 @@ def test_one_step_loss_and_gradients_equal_one_process(tmp_path):
 # ---- whole runs under torchrun -------------------------------------------------------------------------
 
 
-def descendants(pid: int) -> list[int]:
-    """pid's children, grandchildren, ... (Linux /proc); torchrun starts its workers in sessions of their own."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def kill_job(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and every worker at once, as a crashed node would be."""
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.communicate(timeout=60)
-
-
-def logged_step(run: Path) -> int:
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [0]
-    for line in lines:
-        try:
-            steps.append(json.loads(line)["step"])
-        except (ValueError, KeyError):
-            pass
-    return max(steps)
-
-
 @pytest.mark.slow
 def test_ddp_run_matches_one_process_and_resumes_exactly_after_sigkill(tmp_path, corpus):
     """`torchrun -m md4 train` with DDP: (1) uninterrupted, it logs the losses and ends with the weights of one
-    process with the same micro-batch; (2) killed with SIGKILL (every process of the job) twice mid-run and
-    restarted on the same folder, it ends bit-identical to the uninterrupted 2-process run."""
+    process with the same micro-batch; (2) the same job (its 2 processes, as torchrun starts them) killed with
+    SIGKILL (every process at once) twice mid-run and restarted on the same folder ends bit-identical to the
+    uninterrupted torchrun job."""
     sets = [f"data.corpus={corpus}", "train.steps=36", "train.batch_size=8", "train.micro_batch=2",
             "train.log_every=1", "train.eval_every=20", "train.ckpt_every=4", "model.dropout=0.1"]
     ref, killed, single = tmp_path / "ref", tmp_path / "killed", tmp_path / "single"
@@ -182,15 +155,18 @@ def test_ddp_run_matches_one_process_and_resumes_exactly_after_sigkill(tmp_path,
     for target in (8, 20):
         found = checkpoint.checkpoints(killed)
         resumed_from.append(int(found[-1].name.split("_")[1]) if found else 0)
-        proc = torchrun(*train_args(killed, sets))
+        job = ranks(killed, sets)
         end = time.time() + 120
-        while logged_step(killed) < target and proc.poll() is None and time.time() < end:
+        while logged_step(killed) < target and all(p.poll() is None for p in job) and time.time() < end:
             time.sleep(0.005)
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        kill_job(proc)
+        alive = [p.poll() is None for p in job]
+        for p in job:  # every process of the job at once, as a crashed node would be
+            p.kill()
+        errs = [p.communicate(timeout=60)[1] for p in job]
+        assert all(alive), errs[alive.index(False)][-2000:]
         assert not (killed / "model").exists()
     resumed_from.append(int(checkpoint.checkpoints(killed)[-1].name.split("_")[1]))
-    finish(torchrun(*train_args(killed, sets)))
+    finish(*ranks(killed, sets))
     assert resumed_from[0] == 0 and 0 < resumed_from[1] < resumed_from[2] < 36, resumed_from
     assert_same_run(ref, killed)
     assert [r["step"] for r in metrics(killed) if "loss_bpc" in r] == list(range(1, 37))
@@ -201,19 +177,20 @@ def test_ddp_run_matches_one_process_and_resumes_exactly_after_sigkill(tmp_path,
 
 @pytest.mark.slow
 def test_fsdp_run_matches_one_process_and_resumes(tmp_path, corpus):
-    """FSDP2 under torchrun: the same run as one process; its checkpoints (full state dicts gathered to rank 0)
-    load back into a sharded model, and resuming from one gives the uninterrupted run bit for bit."""
+    """FSDP2 with 2 processes (as torchrun starts them; the DDP test runs torchrun itself): the same run as one
+    process; its checkpoints (full state dicts gathered to rank 0) load back into a sharded model, and resuming
+    from one gives the uninterrupted run bit for bit."""
     sets = [f"data.corpus={corpus}", "train.steps=12", "train.batch_size=8", "train.micro_batch=4",
             "train.parallel=fsdp", "train.log_every=1", "train.eval_every=6", "train.ckpt_every=4", "train.keep=0"]
     run, resumed, single = tmp_path / "fsdp", tmp_path / "resumed", tmp_path / "single"
-    finish(torchrun(*train_args(run, sets)))
+    finish(*ranks(run, sets))
     train(load_config("tiny", sets), single, progress=False)
     assert_close_runs(run, single)
 
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(run / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
     shutil.copy(run / "metrics.jsonl", resumed / "metrics.jsonl")
-    finish(torchrun(*train_args(resumed, sets)))
+    finish(*ranks(resumed, sets))
     assert_same_run(run, resumed)
 
     # an FSDP checkpoint (AdamW state keyed by parameter name) cannot be resumed by one process
@@ -234,3 +211,32 @@ def test_micro_batch_must_divide_the_batch(tmp_path, corpus):
     cfg = load_config("tiny", [f"data.corpus={corpus}", "train.parallel=zero3"])
     with pytest.raises(UserError, match="train.parallel"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_with_one_process_still_wraps_the_model(monkeypatch, mode):
+    """torchrun --nproc-per-node 1 (one GPU checking the DDP and FSDP paths) must not fall back to
+    the plain single-process step: the process group exists and the loss module is wrapped."""
+    import torch.distributed as dist
+
+    from md4.distributed import setup
+
+    port = md4proc.free_port()
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    par = setup(mode, "cpu")
+    try:
+        assert par.active and par.world == 1 and par.mode == mode and dist.is_initialized()
+        model, ema = worker.build(), worker.build()
+        wrapped = par.wrap(model, ema)
+        if mode == "ddp":
+            assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        else:
+            from torch.distributed.fsdp import FSDPModule
+            assert isinstance(model.net, FSDPModule)
+    finally:
+        par.close()
+    assert not dist.is_initialized()
+    monkeypatch.delenv("RANK")
+    assert not setup(mode, "cpu").active  # no torchrun environment: the plain step

@@ -27,7 +27,7 @@ def test_every_method_declares_every_capability_as_a_bool():
 
 
 def test_the_samplers_each_method_supports():
-    assert supported_samplers(MD4(5)) == list(SAMPLERS) == ["ancestral", "cached", "mean", "jump", "confidence"]
+    assert supported_samplers(MD4(5)) == list(SAMPLERS) == ["ancestral", "cached", "mean", "jump", "confidence", "remdm"]
     assert supported_samplers(GenMD4(5)) == ["ancestral", "cached", "mean"]  # one schedule per token
     assert supported_samplers(SEDD(5)) == ["ancestral", "cached"]  # score ratios, not a mean
     assert supported_samplers(AR(5)) == []  # draws left to right on its own
@@ -39,7 +39,7 @@ def test_the_samplers_each_method_supports():
     (GenMD4(5), "confidence", "one masking schedule per token.*use ancestral or cached or mean"),
     (AR(5), "ancestral", "draws on its own"),
     (MD4(5), "cached", "ignores t"),  # a denoiser that uses t
-    (MD4(5), "gibbs", "Unknown sampler 'gibbs'; choose one of ancestral, cached, mean, jump, confidence"),
+    (MD4(5), "gibbs", "Unknown sampler 'gibbs'; choose one of ancestral, cached, mean, jump, confidence, remdm"),
 ])
 def test_a_sampler_a_method_cannot_use_is_one_sentence(model, sampler, says):
     with pytest.raises(UserError, match=says):

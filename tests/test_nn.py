@@ -141,13 +141,27 @@ def test_parameter_and_flop_counts():
     assert Transformer(27, glu=False, dim=64, heads=2).blocks[0].mlp.fc.out_features == 256
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("time_cond", [True, False])
+def test_whole_network_traces_as_one_graph(time_cond):
+    """What train.compile runs: dynamo captures the whole network in one graph (fullgraph: a graph break
+    is an error) and AOT autograd's functional graph computes what eager does. aot_eager, not inductor:
+    inductor's cost is its C++ builds (30-40 CPU-seconds on a cold cache; see the next test)."""
+    torch._dynamo.reset()
+    model = small(time_cond=time_cond, layers=1).eval()
+    perturb_adaln(model)
+    x, t = tokens(), torch.rand(B)
+    traced = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(traced(x, t), model(x, t), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.heavy
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile's CPU backend (inductor) needs a C++ compiler: g++, c++ or clang++")
 def test_compiled_model_matches_eager():
     """What train.compile runs (inductor) traces the whole network in one graph and matches eager.
     One block: the blocks share their generated kernels, and the cost (about 30 CPU-seconds on a
-    cold cache) is inductor's start-up and C++ builds, not the model's size."""
+    cold cache) is inductor's start-up and C++ builds, not the model's size. Not in `make test`
+    (`make test-heavy` runs it); the test above checks the one graph and its numerics there."""
     model = small(time_cond=True, layers=1).eval()
     perturb_adaln(model)
     x, t = tokens(), torch.rand(B)

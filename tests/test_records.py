@@ -87,20 +87,24 @@ def valid_rows(num_symbols: int, n: int) -> list[tuple[int, ...]]:
     return rows
 
 
-def test_allowed_matches_enumeration():
-    """At every masked position the rule allows exactly the values that some valid row agreeing
-    with the unmasked positions has there."""
-    tok = RecordTokenizer(list("ab"))
-    n, m = 5, tok.mask_id
-    rows = valid_rows(2, n)
+def check_allowed_by_enumeration(tok, rows: list[tuple[int, ...]]) -> None:
+    """At every masked position of every partly masked valid row, `tok.allowed` allows exactly
+    the values that some valid row agreeing with the unmasked positions has there (rows: all
+    valid rows; also used by test_tables)."""
+    n, m = len(rows[0]), tok.mask_id
     for row in rows:
         for keep in itertools.product([False, True], repeat=n):
             x = torch.tensor([v if k else m for v, k in zip(row, keep)])
             consistent = [r for r in rows if all(not k or r[i] == row[i] for i, k in enumerate(keep))]
-            allowed = tok.allowed(x[None])[0]
+            allowed = tok.allowed(x[None])
+            allowed = allowed[0] if allowed.ndim == 3 else allowed
             for i in range(n):
                 if not keep[i]:
                     assert set(allowed[i].nonzero().flatten().tolist()) == {r[i] for r in consistent}, (row, keep, i)
+
+
+def test_allowed_matches_enumeration():
+    check_allowed_by_enumeration(RecordTokenizer(list("ab")), valid_rows(2, 5))
 
 
 def test_restrict_logits():

@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 sys.path.insert(0, str(TESTS))
 from test_cli import run_copy, snapshot, user_error  # noqa: E402, F401  (run_copy: a fixture)
+import md4proc  # noqa: E402
+from md4proc import logged_step  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -133,32 +134,22 @@ def test_a_run_with_a_time_budget_decays_stops_and_resumes_with_its_time(tmp_pat
 
 
 def test_a_second_writer_is_refused_and_the_first_keeps_its_history(tmp_path, corpus, capsys):
-    """`md4 train` runs in a subprocess; a second `md4 train --out SAME` (this process) exits 2 at once,
+    """`md4 train` runs in a process of its own; a second `md4 train --out SAME` (this process) exits 2 at once,
     and the first keeps logging every step to the same metrics.jsonl."""
     run = tmp_path / "run"
     argv = ["train", "--config", "tiny", "--out", str(run), "--quiet", "--set", f"data.corpus={corpus}",
             "--set", "train.steps=100000", "--set", "train.ckpt_every=3", "--set", "train.eval_every=100000"]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "md4", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env)
+    first = md4proc.start(argv, env)  # forked with torch and md4 imported (tests/md4proc.py)
     try:
-        def logged() -> int:
-            steps = [0]
-            for line in (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []:
-                try:
-                    steps.append(json.loads(line)["step"])
-                except ValueError:
-                    pass
-            return max(steps)
-
         def wait_for(step: int) -> None:
             end = time.time() + 120
-            while logged() < step:
+            while logged_step(run) < step:
                 assert first.poll() is None and time.time() < end, first.communicate()[1][-2000:]
                 time.sleep(0.01)
 
         wait_for(4)
-        before = logged()
+        before = logged_step(run)
         msg = user_error(capsys, [*argv, "--set", "train.steps=6"])  # (would end soon if it were let in)
         assert "being written by another md4 process" in msg and str(run) in msg
         wait_for(before + 2)  # the first run goes on

@@ -74,7 +74,7 @@ def test_prompt_continues_to_the_model_length(server):
     ({"text": ""}, "Type a text: with _ for the characters to fill, or a prompt to continue."),
     ({"text": "the c_t", "temperature": "hot"}, "Temperature must be a number, got 'hot'."),
     ({"text": "the c_t", "sampler": "magic"}, "Unknown sampler 'magic'; choose one of ancestral, cached, mean, "
-                                              "jump, confidence."),
+                                              "jump, confidence, remdm."),
     ({"text": "a" * 40, "mode": "prompt"}, "The text has 40 characters; this model writes at most 32."),
 ])
 def test_bad_input_gives_one_message(server, params, message):

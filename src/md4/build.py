@@ -18,6 +18,7 @@ from md4.data import CharTokenizer, ImageTokenizer
 from md4.data.bpe import GPT2Tokenizer
 from md4.data.images import is_image_corpus, tokenizer_for
 from md4.data.records import RecordTokenizer
+from md4.data.tables import TableTokenizer
 from md4.diffusion import MD4
 from md4.errors import UserError
 from md4.genmd4 import GenMD4
@@ -31,7 +32,8 @@ from md4.sedd import SEDD
 # is "md4" evaluated with --timesteps 1000.
 METHODS: dict[str, type[Method]] = {"md4": MD4, "genmd4": GenMD4, "ar": AR, "sedd": SEDD}
 # built with config.json's "tokenizer_args": the values each tokenizer's ARGS names (md4.pretrained.read_model_config)
-TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "image": ImageTokenizer, "records": RecordTokenizer}
+TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "image": ImageTokenizer, "records": RecordTokenizer,
+              "table": TableTokenizer}
 # saved weights' key prefixes of earlier versions -> today's (Bundle.method was Bundle.diffusion)
 LEGACY_PREFIXES = {"diffusion.": "method."}
 

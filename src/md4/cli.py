@@ -14,6 +14,8 @@ from md4.data.records import JOINERS
 from md4.data.zeroshot import ZERO_SHOT
 from md4.errors import UserError
 from md4.pictures import REGIONS
+from md4.remdm import DEFAULT_ETA, SCHEDULES
+from md4.reveal import ORDERS
 from md4.sampling import GRIDS, SAMPLERS
 
 
@@ -62,7 +64,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="number of time steps T (default: the config's)")
     s.add_argument("--grid", choices=list(GRIDS), default=None)
     s.add_argument("--length", type=int, default=None)
-    s.add_argument("--sampler", default="ancestral", help=", ".join(SAMPLERS))
+    s.add_argument("--sampler", default="ancestral",
+                   help=f"exact: {', '.join(n for n, v in SAMPLERS.items() if v.exact)}; heuristics (not the model's "
+                        f"law): {', '.join(n for n, v in SAMPLERS.items() if not v.exact)} (default ancestral)")
     s.add_argument("--temperature", type=float, default=1.0, help="0 = argmax")
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
     s.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with mass >= p (1 = all)")
@@ -75,7 +79,29 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--judge", help="score the samples: generative perplexity under this causal LM "
                                    "(transformers id or folder, a .gguf file, or smollm2)")
     s.add_argument("--label", default=None, help="class-conditional models: a class number, or 'all' to cycle")
-    s.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (0 = none)")
+    s.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance weight w (0 = none), any sampler: towards --label, or without a "
+                        "label towards the --prompt / --infill text (the unconditional prediction masks it); "
+                        "a heuristic")
+    o = s.add_argument_group("sampler options", "each for the sampler named; given to another sampler, refused")
+    o.add_argument("--order", choices=list(ORDERS), default=None,
+                   help="confidence: reveal first the positions with the highest top (probability of the drawn "
+                        "token; default), margin (p1 - p2) or entropy (exp(-entropy))")
+    o.add_argument("--threshold", type=float, default=None, metavar="TAU",
+                   help="confidence: reveal every masked position whose confidence exceeds TAU in [0, 1], at least "
+                        "one per step, until none is left (the steps are as many as that takes: --steps and "
+                        "--grid are not used); default: as many per step as the schedule expects")
+    o.add_argument("--remask", choices=list(SCHEDULES), default=None,
+                   help="remdm: the remasking probability sigma of a revealed token per step: cap = min(eta, "
+                        "sigma_max) (default), rescale = eta sigma_max, conf = eta sigma_max spread over the tokens "
+                        "by low confidence, loop = eta while alpha is held at --alpha-on between --t-on and --t-off")
+    o.add_argument("--eta", type=float, default=None,
+                   help=f"remdm: eta (0 = no remasking: the ancestral samples; default "
+                        f"{', '.join(f'{k} {v}' for k, v in DEFAULT_ETA.items())})")
+    o.add_argument("--t-on", type=float, default=None, help="remdm loop: the grid time the loop starts (default 0.55)")
+    o.add_argument("--t-off", type=float, default=None, help="remdm loop: the grid time it ends (default 0.05)")
+    o.add_argument("--alpha-on", type=float, default=None,
+                   help="remdm loop: the unmasked fraction alpha held during the loop (default 0.9)")
     s.add_argument("--out", default=None, help="image models: PNG grid of samples (default samples.png)")
     s.add_argument("--inpaint", default=None, help="image models: PNG of test images, masked inputs and completions")
     s.add_argument("--region", default=None, help=f"region to inpaint: {', '.join(REGIONS)} (default {REGIONS[0]})")
@@ -126,6 +152,23 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--field", help="--records: the JSONL field or CSV column of the records")
     q.add_argument("--symbols", default="chars", choices=list(JOINERS), help="--records: symbols of a record")
     q.add_argument("--max-length", type=int, default=0, help="--records: drop records longer than this (counted)")
+    q.add_argument("--table", action="store_true", help="a table: a CSV/TSV file or an R data frame (.rda, .rds, "
+                   "a package's data/Rdata.rdx), one position per column")
+    q.add_argument("--object", help="--table: the R object (data frame) to read")
+    q.add_argument("--bins", type=int, default=8, help="--table: quantile bins of numeric columns")
+
+    m = command(sub, "impute", commands.cmd_impute, "table models: fill hidden or missing cells, accuracy per "
+                                                    "column ± SE against the per-column majority")
+    model_args(m)
+    m.add_argument("--rows", default="test", help="a split of the model's table (train, valid, test) or a CSV / R "
+                                                  "file with its columns (missing cells are filled)")
+    m.add_argument("--object", help="--rows: the R object to read")
+    m.add_argument("--hide", type=float, default=0.3, help="fraction of known cells hidden at random and scored "
+                                                           "(0: only fill missing cells)")
+    m.add_argument("--draws", type=int, default=8, help="completions per row; the prediction is their mode")
+    m.add_argument("--steps", type=int, default=None, help="MD4 sampling steps (default: the number of columns)")
+    m.add_argument("--limit", type=int, default=0, help="only the first LIMIT rows (0 = all)")
+    m.add_argument("--out", help="--rows FILE: write the filled rows to this CSV")
 
     u = command(sub, "push", commands.cmd_push, "upload a run's model to the Hugging Face Hub with a generated "
                                                 "model card")

@@ -52,11 +52,14 @@ def cmd_eval(args) -> None:
         print(json.dumps(results) if args.json else eval_table(results))
 
 
+# `md4 sample` flags of the samplers' options (md4.sampling.sampler_options), in `options`
+SAMPLER_FLAGS = ("--order", "--threshold", "--remask", "--eta", "--t-on", "--t-off", "--alpha-on")
 # `md4 sample` options that only one kind of model uses: given to the other kind, they are refused
 TEXT_OPTIONS = ("--prompt", "--infill", "--length", "--sampler", "--temperature", "--top-k", "--top-p", "--block",
-                "--judge")
+                "--judge") + SAMPLER_FLAGS
 IMAGE_OPTIONS = ("--out", "--inpaint", "--region")
-MASKED_OPTIONS = ("--sampler", "--temperature", "--top-k", "--top-p", "--block", "--prompt", "--infill", "--trace")
+MASKED_OPTIONS = ("--sampler", "--temperature", "--top-k", "--top-p", "--block", "--prompt", "--infill", "--trace",
+                  "--guidance") + SAMPLER_FLAGS
 
 
 def check_counts(args, **lowest) -> None:
@@ -148,7 +151,7 @@ def cmd_genppl(args) -> None:
 def sampling_options(args, model) -> tuple[dict, object]:
     """model.sample keyword arguments from `md4 sample`'s options, and the trace recorder (or None)."""
     from md4.conditional import text_condition
-    from md4.sampling import check_sampler
+    from md4.sampling import check_options, check_sampler
     from md4.trace import Recorder, check_path
 
     if not model.method.reverse_process:  # e.g. the AR baseline: its own sampler, no options
@@ -157,8 +160,10 @@ def sampling_options(args, model) -> tuple[dict, object]:
             raise UserError(f"{only_for(asked)} to masked diffusion models, not to {model.config.method}.")
         return {}, None
     check_sampler(model.method, args.sampler, time_independent=not model.net.uses_time)  # before any work
+    names = [flag[2:].replace("-", "_") for flag in given(args, SAMPLER_FLAGS)]
+    options = {name: getattr(args, name) for name in names}
     kwargs = {"sampler": args.sampler, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-              "block": args.block}
+              "block": args.block, "options": check_options(args.sampler, options)}
     if args.prompt is not None and args.infill is not None:
         raise UserError("Give either --prompt or --infill, not both.")
     if args.prompt is not None:  # the text starts the sequence; the rest of the length is generated
@@ -245,8 +250,15 @@ def cmd_demo(args) -> None:
 def cmd_data_prepare(args) -> None:
     from md4.data.prepare import prepare
 
+    if args.records and args.table:
+        raise UserError("Give either --records or --table, not both.")
+    table_only = [] if args.table else given(args, ["--object", "--bins"])
+    if table_only:
+        raise UserError(f"{only_for(table_only)} to --table only.")
     if args.records:
         return cmd_prepare_records(args)
+    if args.table:
+        return cmd_prepare_table(args)
     meta = prepare(args.inputs, args.out, hf=args.hf, hf_split=args.hf_split, text_field=args.text_field,
                    valid=args.valid, test=args.test or 0.0, tokenizer=args.tokenizer, workers=args.workers,
                    piece_chars=args.piece_chars, shard_tokens=args.shard_tokens, max_documents=args.max_documents,
@@ -268,6 +280,68 @@ def cmd_prepare_records(args) -> None:
     meta = prepare_records(args.inputs, args.out, field=args.field, symbols=args.symbols, max_length=args.max_length,
                            valid=valid, test=test)
     print(f"{args.out}: {describe(meta)}; train with --set data.corpus={args.out}")
+
+
+def cmd_prepare_table(args) -> None:
+    """`md4 data prepare FILE --table`: a CSV file or an R data frame -> a table folder."""
+    from md4.data.tables import describe, prepare_table
+
+    other = given(args, ["--hf", "--valid-docs", "--field", "--max-length"])
+    if other:
+        raise UserError(f"{', '.join(other)} prepare{'s' * (len(other) == 1)} other corpora, not --table.")
+    if len(args.inputs) != 1:
+        raise UserError(f"--table prepares one file, got {len(args.inputs)}.")
+    check_counts(args, bins=2)
+    valid, test = (0.05 if v is None else v for v in (args.valid, args.test))
+    meta = prepare_table(args.inputs[0], args.out, name=args.object, bins=args.bins, valid=valid, test=test)
+    print(f"{args.out}: {describe(meta)}; train with --set data.corpus={args.out} "
+          f"--set data.length={len(meta['columns'])}")
+
+
+def cmd_impute(args) -> None:
+    """`md4 impute RUN --rows test|valid|FILE --hide F`: hide cells at random, fill them (and a
+    file's missing cells) with the model, and report accuracy per column against the majority."""
+    import torch
+
+    import md4
+    from md4.data.corpora import load_corpus
+    from md4.data.tables import (TableTokenizer, format_report, hide_cells, impute_report, raw_cells, read_table,
+                                 write_filled)
+
+    torch_threads(args.threads)
+    check_counts(args, draws=1, steps=1, limit=0)
+    model = md4.load(args.path, device=args.device)
+    tok = model.tokenizer
+    if not isinstance(tok, TableTokenizer):
+        raise UserError(f"{args.path} models {tok.name} tokens; md4 impute fills cells of table models.")
+    corpus = load_corpus(model.config.data.corpus, min_length=model.length)
+    model.check_corpus(corpus)
+    if args.rows in ("train", "valid", "test"):
+        rows, raw = torch.as_tensor(corpus.split(args.rows).astype("int64")), None
+    else:
+        names, columns = read_table(args.rows, args.object)
+        rows = torch.as_tensor(tok.encode_table(names, columns, fill_missing=True))
+        raw = raw_cells(names, columns, tok.names)
+    if args.limit:
+        rows = rows[: args.limit]
+        raw = raw[: args.limit] if raw is not None else None
+    if args.hide:
+        hidden = hide_cells(rows, tok, args.hide, args.seed) & (rows != tok.mask_id)
+    else:
+        hidden = torch.zeros_like(rows, dtype=torch.bool)
+    if not (hidden | (rows == tok.mask_id)).any():
+        raise UserError("No cell to fill: the rows have no missing cell; hide some with --hide.")
+    report, preds = impute_report(model, rows, hidden, corpus.train, draws=args.draws, steps=args.steps,
+                                  seed=args.seed)
+    if args.out:
+        if raw is None:
+            raise UserError("--out writes the filled rows of a file given with --rows FILE.")
+        write_filled(args.out, tok, rows, preds[next(iter(preds))], raw)
+    if report["hidden"]:
+        print(json.dumps(report) if args.json else format_report(report, tok.names))
+    else:
+        print(f"filled {int((rows == tok.mask_id).sum())} missing cells of {len(rows)} rows"
+              + (f"; written to {args.out}" if args.out else "; write them with --out"))
 
 
 def cmd_inspect(args) -> None:

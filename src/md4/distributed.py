@@ -3,9 +3,11 @@
     torchrun --nproc-per-node 8 -m md4 train --config owt-md4-small --out runs/owt --set train.parallel=fsdp
     torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --nproc-per-node 8 -m md4 train ...
 
-Without torchrun's environment (WORLD_SIZE unset or 1) `setup` returns a single-process
-`Parallel`; md4.train takes the same step (`Parallel.forward_backward`) either way, and a single
-process with the whole batch in one chunk draws times and masks from the run's own generator.
+Without torchrun's environment (RANK and WORLD_SIZE unset) `setup` returns a single-process
+`Parallel`: a single process with the whole batch in one chunk draws times and masks from the
+run's own generator. Under torchrun the model is wrapped for DDP or FSDP2 even when there is
+one process (so one GPU can check those paths). md4.train takes the same step
+(`Parallel.forward_backward`) either way.
 
 The global batch (train.batch_size rows) is the unit of randomness, so W ranks compute what one
 process would:
@@ -83,7 +85,8 @@ class Parallel:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        """Launched by torchrun (a process group, DDP/FSDP), even with a single process."""
+        return self.mode != "none"
 
     # ------------------------------------------------------------------ setup
     def rows(self, batch_size: int) -> slice:
@@ -258,15 +261,14 @@ class Parallel:
 
 def setup(parallel: str, device_name: str) -> Parallel:
     """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): join the process group
-    (NCCL on GPUs, gloo on CPUs) and pick this rank's device. One process: mode "none"."""
+    (NCCL on GPUs, gloo on CPUs) and pick this rank's device. Without torchrun: mode "none"."""
     from md4.build import resolve_device
 
     if parallel not in MODES:
         raise UserError(f"train.parallel must be one of {', '.join(MODES)}, got {parallel!r}.")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Parallel(device=resolve_device(device_name))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

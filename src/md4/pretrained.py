@@ -61,17 +61,16 @@ class Pretrained:
 
     def denoiser(self, labels=None, guidance: float = 0.0):
         """The network as denoiser(x_t, t): for class `labels` ([num] long, or an int for all;
-        None = unconditional) with classifier-free guidance weight `guidance` (0 = none). A
+        None = unconditional) with classifier-free guidance weight `guidance` (0 = none; without
+        labels, guidance on the prompt given to the sampler, md4.guidance). A
         network whose logits overflow is refused first (see check_finite)."""
         from md4.guidance import conditioned
 
         if not math.isfinite(guidance):
             raise UserError(f"The guidance weight must be a finite number, got {guidance}.")
         self.check_finite()
-        if labels is None:
-            if guidance:
-                raise UserError("Guidance needs a class label (--label).")
-            return self.net
+        if labels is None:  # with guidance: on the prompt the sampler is given
+            return conditioned(self.net, None, guidance)
         if not self.num_classes:
             raise UserError("This model is not class-conditional; it takes no label.")
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
@@ -97,8 +96,9 @@ class Pretrained:
                **kwargs) -> torch.Tensor:
         """[num, length] long samples; kwargs go to md4.sampling.sample (sampler, known / known_mask,
         temperature, top_k, top_p, block, callback, ...). With `block`, a sequence of any length is
-        generated in windows of the training length. `labels` (int or [num]) and `guidance` for
-        class-conditional models (classifier-free guidance)."""
+        generated in windows of the training length. `labels` (int or [num]) for class-conditional
+        models, and `guidance` (classifier-free guidance on the labels, or without labels on the
+        prompt: known / known_mask)."""
         limit = self.net.max_len
         known = kwargs.get("known")
         if length is None:

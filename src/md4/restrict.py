@@ -12,7 +12,8 @@ Tables (md4.data.tables): position n takes only the values of column n. Records
 after n makes n a symbol; EOS or PAD before n makes n PAD; one EOS at most).
 The hook is the same whatever the method (md4.build adds it when the tokenizer is given, for
 training and loading alike); records restrict only non-causal networks (an AR
-network sees its input shifted by one, and learns the structure exactly anyway).
+network sees its input shifted by one, and learns the structure exactly anyway); the rule of
+tables does not read the input, so it restricts AR networks too (their logits at n predict n).
 """
 
 from __future__ import annotations

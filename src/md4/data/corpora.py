@@ -11,6 +11,7 @@ from md4.data.images import ImageCorpus, is_image_corpus, load_images
 from md4.data.records import SOURCES as RECORD_SOURCES
 from md4.data.records import is_records, load_named, load_records
 from md4.data.shakespeare import load_shakespeare
+from md4.data.tables import is_table, load_table
 from md4.data.text8 import FILE_NAMES as TEXT8_FILE_NAMES
 from md4.data.text8 import load_text8
 from md4.data.tokens import is_prepared, load_prepared
@@ -43,6 +44,8 @@ def load_corpus(name_or_path: str, *, min_length: int = 2) -> Corpus | ImageCorp
         )
     if is_records(path):  # a folder written by `md4 data prepare --records`
         return load_records(path, min_length=min_length)
+    if is_table(path):  # a folder written by `md4 data prepare --table`
+        return load_table(path, min_length=min_length)
     if is_prepared(path):  # a folder written by `md4 data prepare`
         return load_prepared(path, min_length=min_length)
     if path.name in TEXT8_FILE_NAMES:

@@ -354,15 +354,20 @@ class RecordCorpus(Splits):
         return [self.tokenizer.decode(row) for row in self.split(which)]
 
     def __repr__(self) -> str:
-        return f"RecordCorpus({self.name!r}, {self.tokenizer}, {self.sizes()})"
+        return f"{type(self).__name__}({self.name!r}, {self.tokenizer}, {self.sizes()})"
+
+
+def folder_format(path: str | Path) -> str | None:
+    """The "format" of a prepared folder's meta.json (records, tables), or None."""
+    meta = Path(path).expanduser() / META
+    try:
+        return json.loads(meta.read_text()).get("format") if meta.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def is_records(path: str | Path) -> bool:
-    meta = Path(path).expanduser() / META
-    try:
-        return meta.is_file() and json.loads(meta.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
+    return folder_format(path) == FORMAT
 
 
 def load_records(folder: str | Path, *, min_length: int = 2) -> RecordCorpus:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from md4 import schedules
-from md4.categorical import categorical
+from md4.categorical import inverse_cdf, uniforms
 from md4.method import Method
 from md4.truncation import NO_TRUNCATION, Truncation
 
@@ -129,11 +129,16 @@ class MD4(Method):
                      truncate: Truncation = NO_TRUNCATION) -> torch.Tensor:
         """Draw x_s ~ p(x_s | x_t) for s < t (logits: the denoiser's, untruncated). Each masked
         position unmasks with `reveal`'s probability and then takes a token from its token logits;
-        unmasked positions stay. Probabilities are computed and drawn in float64."""
+        unmasked positions stay. Probabilities are computed and drawn in float64; tokens are drawn only
+        at the positions that unmask (a float64 draw over V = 50257 at every position cost several
+        times the network's forward pass at length 1024)."""
         p_unmask, token_logits = self.reveal(logits, t, s, truncate)
         u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
         unmask = (xt == self.mask_id) & (u < p_unmask)
-        return torch.where(unmask, categorical(token_logits, generator), xt)
+        u_token = uniforms(xt.shape, generator, xt.device)  # those of a full draw: same samples per seed
+        xs = xt.clone()
+        xs[unmask] = inverse_cdf(token_logits[unmask], u_token[unmask])
+        return xs
 
     def posterior_sample(
         self, xt: torch.Tensor, x0: torch.Tensor, t: float, s: float, generator=None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from md4.categorical import categorical
+from md4.categorical import categorical, inverse_cdf, uniforms
 from md4.errors import UserError
 from md4.truncation import NO_TRUNCATION, Truncation
 
@@ -82,9 +82,11 @@ def jump(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator=None, *
     for k in tqdm(range(K), desc="sampling", disable=not progress, leave=False):
         rows = (events[:, k] > 0).nonzero().squeeze(1)
         j = events[rows, k]
-        sub = x[rows]
-        tokens = categorical(truncate(select_rows(denoiser, rows)(sub, grid[j].float())), generator)
-        x[rows] = torch.where(step[rows] == j[:, None], tokens, sub)
+        sub, now_revealed = x[rows], step[rows] == j[:, None]
+        logits = select_rows(denoiser, rows)(sub, grid[j].float())
+        u = uniforms(sub.shape, generator, x.device)  # those of a full draw: same samples per seed
+        sub[now_revealed] = inverse_cdf(truncate(logits[now_revealed]), u[now_revealed])
+        x[rows] = sub
         now[rows] = grid[j - 1]
         if callback is not None:
             callback(x, now)

@@ -241,7 +241,6 @@ def main(argv=None, judge=None) -> int:
             "judge": judge.name, "featurizer": judge.feature_name, "prompt_len": args.prompt_len, "boot": args.boot}
     # rows of an earlier sitting count only when they were drawn and scored the same way
     done = {key(r["setting"], r["steps"]): r for r in state.get("rows", [])} if state.get("meta") == meta else {}
-    rows = []
     if DATA not in done:
         x = real[args.num:]
         done[DATA] = {"setting": "data", "sampler": "-", "steps": "-", "num": args.num, **score(x)}
@@ -256,7 +255,11 @@ def main(argv=None, judge=None) -> int:
             print(f"{k}: {cost['calls_per_sample']:.1f} calls/sample, {cost['seconds']:.1f} s, judge bits/char "
                   f"{pm(done[k], 'judge_bits_per_char')}, MAUVE {pm(done[k], 'mauve')}", file=sys.stderr, flush=True)
             saved.write_text(json.dumps({"meta": meta, "rows": list(done.values())}, indent=1))
-        rows.append(done[k])
+    # the table and the plot show every row drawn the same way, this sitting's and earlier ones'
+    order = {s.name: i for i, s in enumerate(SETTINGS)}
+    rows = sorted((r for k, r in done.items() if k != DATA),
+                  key=lambda r: (not r.get("reference"), order.get(r["setting"], len(order)),
+                                 r["steps"] if isinstance(r["steps"], int) else math.inf))
     rows.append(done[DATA])
     saved.write_text(json.dumps({"meta": meta, "rows": list(done.values())}, indent=1))
     prompted = f", the first {args.prompt_len} given (test text)" if args.prompt_len else ""

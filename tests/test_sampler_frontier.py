@@ -44,3 +44,7 @@ def test_tiny_frontier_counts_calls_and_scores_every_setting(trained_run, tmp_pa
     # a rerun draws nothing new: every row is found in frontier.json
     assert sampler_frontier.main([str(trained_run), "--tiny", "--out", str(out)], judge=FakeJudge()) == 0
     assert "calls/sample" not in capsys.readouterr().err
+    # a sitting with other settings adds its rows and the table still shows the earlier ones
+    assert sampler_frontier.main([str(trained_run), "--tiny", "--out", str(out), "--settings", "jump"],
+                                 judge=FakeJudge()) == 0
+    assert (out / "frontier.md").read_text() == table

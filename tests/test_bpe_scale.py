@@ -45,3 +45,14 @@ def test_jump_draws_each_position_once_when_it_is_revealed(monkeypatch):
     assert (x < 5).all()
     # every masked position is revealed exactly once (the linear schedule leaves none masked at t = 0)
     assert sum(draws.rows) == B * N and len(draws.rows) > 1
+
+
+def test_remdm_draws_tokens_only_where_it_reveals(monkeypatch):
+    """ReMDM's step inverts the CDF only at the positions it reveals, like MD4.reverse_step."""
+    model, B, N = MD4(5, "linear"), 4, 30
+    draws = CountingSoftmax(monkeypatch)
+    x = sample(model, lambda xt, t: torch.zeros(*xt.shape, 5), B, N, steps=20,
+               generator=torch.Generator().manual_seed(1), sampler="remdm", options={"remask": "cap", "eta": 0.0})
+    assert (x < 5).all()
+    # eta = 0: no remasking, so every position is revealed exactly once over the walk
+    assert sum(draws.rows) == B * N and len(draws.rows) > 1

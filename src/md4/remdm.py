@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from md4.categorical import categorical
+from md4.categorical import inverse_cdf, uniforms
 from md4.errors import UserError
 from md4.reveal import schedule_time
 from md4.truncation import NO_TRUNCATION, Truncation
@@ -157,8 +157,11 @@ class RemaskingStep:
         p_reveal = p_reveal + sigma * (a_t / (1 - a_t)).to(sigma.device)
         u = torch.rand(xt.shape, generator=generator, device=xt.device, dtype=torch.float64)
         reveal, remask = masked & (u < p_reveal), revealed & (u < sigma)
-        tokens = categorical(token_logits, generator)
+        u_token = uniforms(xt.shape, generator, xt.device)  # a full draw's uniforms: same samples per seed
+        out = torch.where(remask, torch.full_like(xt, model.mask_id), xt)
+        tokens = inverse_cdf(token_logits[reveal], u_token[reveal])  # inverted only where revealed
+        out[reveal] = tokens
         if self.plan.remask == "conf":
-            p = torch.softmax(logits.double(), -1).gather(-1, tokens[..., None]).squeeze(-1)
-            self.psi = torch.where(reveal, p, self.psi)
-        return torch.where(reveal, tokens, torch.where(remask, torch.full_like(xt, model.mask_id), xt))
+            p = torch.softmax(logits[reveal].double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+            self.psi[reveal] = p
+        return out

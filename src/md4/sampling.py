@@ -122,18 +122,21 @@ def _walk(model, denoiser, x: torch.Tensor, grid: torch.Tensor, generator, trunc
     random draws are the same either way."""
     B = x.shape[0]
     logits = tokens = None
+    keep = cache and not truncate.identity  # without truncation there is nothing to keep
     stale = torch.ones(B, dtype=torch.bool, device=x.device)
     for i in tqdm(range(len(grid) - 1, 0, -1), desc="sampling", disable=not progress, leave=False):
         t, s = grid[i].item(), grid[i - 1].item()
         if not cache or stale.all():
             logits = denoiser(x, torch.full((B,), t, device=x.device))
             if cache:  # rows are replaced in place below: never write into the denoiser's own tensor
-                logits, tokens = logits.clone(), truncate(logits).clone()
+                logits = logits.clone()
+                tokens = truncate(logits) if keep else None  # truncation returns a new tensor
         elif stale.any():
             rows = stale.nonzero().squeeze(1)
             logits[rows] = select_rows(denoiser, rows)(x[rows], torch.full((len(rows),), t, device=x.device))
-            tokens[rows] = truncate(logits[rows])
-        new = step(x, logits, t, s, generator, Truncated(tokens) if cache else truncate)
+            if keep:
+                tokens[rows] = truncate(logits[rows])
+        new = step(x, logits, t, s, generator, Truncated(tokens) if keep else truncate)
         stale = (new != x).any(-1)
         x = new
         if callback is not None:
